@@ -1,0 +1,236 @@
+"""Command line: ``cdcd serve`` runs the daemon; the other commands talk to one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from . import __version__
+
+DEFAULT_URL = "http://127.0.0.1:8444"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cdcd", description="Redis change-data-capture daemon")
+    p.add_argument("--version", action="version", version=f"cdcd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--data-dir")
+    s.add_argument("--config", help="TOML file (default: config/cdcd.toml when present)")
+    s.add_argument("--log-level")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--url", default=os.environ.get("CDCD_URL", DEFAULT_URL),
+                       help=f"daemon address (env CDCD_URL, default {DEFAULT_URL})")
+        c.add_argument("--token", default=os.environ.get("CDCD_AUTH_TOKEN", ""),
+                       help="bearer token (env CDCD_AUTH_TOKEN)")
+        c.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        return c
+
+    c = client("create", "create a task")
+    c.add_argument("--file", "-f", help="task spec as JSON ('-' for stdin)")
+    c.add_argument("--task-id")
+    c.add_argument("--name")
+    c.add_argument("--source", help="source host:port[,host:port]")
+    c.add_argument("--source-password")
+    c.add_argument("--target", help="target host:port[,host:port]")
+    c.add_argument("--target-password")
+    c.add_argument("--method", choices=["full_amount_migration", "incremental_migration"])
+    c.add_argument("--reader", choices=["auto", "psync", "scan"])
+    c = client("list", "list tasks")
+    c.add_argument("--state")
+    for name in ("get", "pause", "resume", "delete"):
+        c = client(name, f"{name} a task")
+        c.add_argument("task_id")
+        if name == "delete":
+            c.add_argument("--ignore-not-found", action="store_true")
+        if name == "get":
+            c.add_argument("--watch", action="store_true", help="redraw until interrupted")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    try:
+        return run_client(args)
+    except ClientError as exc:
+        print(f"cdcd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .config import ConfigError, load
+    from .errors import CdcdError
+    from .server import make_app
+
+    try:
+        cfg = load(args.config, {"host": args.host, "port": args.port,
+                                 "data_dir": args.data_dir, "log_level": args.log_level})
+        logging.basicConfig(level=cfg.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = make_app(cfg)
+    except (ConfigError, CdcdError, ValueError) as exc:
+        print(f"cdcd: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("cdcd").info("cdcd %s listening on http://%s:%d, data in %s",
+                                   __version__, cfg.host, cfg.port, cfg.data_dir)
+    try:
+        web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
+                    shutdown_timeout=10)
+    except CdcdError as exc:
+        print(f"cdcd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"cdcd: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+class ClientError(Exception):
+    pass
+
+
+def call(args: argparse.Namespace, request_type: str, data: dict[str, Any]) -> dict[str, Any]:
+    body = json.dumps({"request_type": request_type, "request_data": data}).encode()
+    req = urllib.request.Request(args.url.rstrip("/") + "/cdc", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    if args.token:
+        req.add_header("Authorization", f"Bearer {args.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            doc = json.loads(exc.read())
+            raise ClientError(f"{doc.get('code')} {doc.get('error')}: {doc.get('message')}"
+                              ) from None
+        except ValueError:
+            raise ClientError(f"HTTP {exc.code} from {args.url}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ClientError(f"cannot reach the daemon at {args.url}: {reason}") from None
+
+
+def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+            spec = json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ClientError(f"cannot read the spec from {args.file}: {exc}") from None
+    for flag, key in (("task_id", "task_id"), ("name", "name"), ("method", "migration_method"),
+                      ("reader", "reader")):
+        if getattr(args, flag):
+            spec[key] = getattr(args, flag)
+    for side in ("source", "target"):
+        if getattr(args, side):
+            spec.setdefault(side, {})["addrs"] = getattr(args, side)
+        if getattr(args, f"{side}_password"):
+            spec.setdefault(side, {})["password"] = getattr(args, f"{side}_password")
+    return spec
+
+
+def run_client(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "create":
+        out = call(args, "create", spec_from_args(args))
+        print(json.dumps(out, indent=2) if args.json else out["data"]["task_id"])
+        return 0
+    if cmd == "list":
+        out = call(args, "list", {"state": args.state} if args.state else {})
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print(table(out["data"]["tasks"]))
+        return 0
+    if cmd == "get" and args.watch:
+        return watch(args)
+    data: dict[str, Any] = {"task_id": args.task_id}
+    if cmd == "delete" and args.ignore_not_found:
+        data["ignore_not_found"] = True
+    out = call(args, cmd, data)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif cmd == "get":
+        print(describe(out["data"]["task"]))
+    else:
+        d = out["data"]
+        print(f"{d['task_id']} {d.get('state', 'deleted')}")
+    return 0
+
+
+def _progress_text(t: dict[str, Any]) -> str:
+    p = t.get("progress", {})
+    snap = p.get("snapshot", {})
+    text = f"{snap.get('percent', 0):5.1f}% {snap.get('keys_done', 0)}/{snap.get('keys_total', 0)}"
+    inc = p.get("incremental")
+    if inc and t.get("phase") == "incremental":
+        lag = inc.get("lag_ms")
+        text = f"lag {inc.get('lag_bytes', 0)}B" + (f" {lag}ms" if lag is not None else "")
+    return text
+
+
+def table(tasks: list[dict[str, Any]]) -> str:
+    rows = [("TASK_ID", "NAME", "STATE", "PHASE", "PROGRESS", "REASON")]
+    for t in tasks:
+        rows.append((t["task_id"], t.get("name", ""), t["state"], t.get("phase", ""),
+                     _progress_text(t), (t.get("reason") or "")[:60]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def describe(t: dict[str, Any]) -> str:
+    p = t.get("progress", {})
+    snap = p.get("snapshot", {})
+    lines = [f"task      {t['task_id']}" + (f" ({t['name']})" if t.get("name") else ""),
+             f"state     {t['state']}  phase {t.get('phase') or '-'}"]
+    if t.get("reason"):
+        lines.append(f"reason    {t['reason']}")
+    spec = t.get("spec", {})
+    lines.append(f"source    {spec.get('source', {}).get('addrs')} -> target "
+                 f"{spec.get('target', {}).get('addrs')} ({spec.get('migration_method')})")
+    pct = float(snap.get("percent", 0))
+    bar = "#" * int(pct / 5) + "." * (20 - int(pct / 5))
+    lines.append(f"snapshot  [{bar}] {pct:5.1f}%  {snap.get('keys_done', 0)}/"
+                 f"{snap.get('keys_total', 0)} keys, {snap.get('bytes', 0)} bytes")
+    inc = p.get("incremental")
+    if inc:
+        lines.append(f"stream    offset {inc.get('applied_offset')}/{inc.get('source_offset')}"
+                     f"  lag {inc.get('lag_bytes')} B, {inc.get('lag_ms')} ms,"
+                     f" {inc.get('ops_applied')} ops")
+    lines.append(f"rate      {p.get('ops_per_sec', 0)} ops/s, retries {p.get('retries', 0)}")
+    if p.get("last_error"):
+        lines.append(f"error     {p['last_error']}")
+    return "\n".join(lines)
+
+
+def watch(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            out = call(args, "get", {"task_id": args.task_id})
+            text = describe(out["data"]["task"])
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(text, flush=True)
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,66 @@
+"""The one exception tree of cdcd.
+
+    CdcdError                  base; ``code``/``error`` map it onto the API envelope
+    ├── RequestError           400: the request is malformed (names the field)
+    ├── AuthError              401: missing or wrong bearer token
+    ├── NotFoundError          404: no such task
+    ├── ConflictError          409: operation conflicts with the task's state
+    ├── PayloadTooLarge        413: body over the configured limit
+    └── MigrationError         a task stops on it (never reaches the API as such)
+        ├── EndpointError      a source/target server failed or refused (retryable)
+        └── FatalTaskError     retrying cannot help (bad payload, rejected key, ...)
+
+Errors become envelope codes in exactly one place: ``cdcd.server``.
+"""
+
+from __future__ import annotations
+
+
+class CdcdError(Exception):
+    code = 500
+    error = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RequestError(CdcdError):
+    code = 400
+    error = "invalid_request"
+
+
+class AuthError(CdcdError):
+    code = 401
+    error = "unauthorized"
+
+
+class NotFoundError(CdcdError):
+    code = 404
+    error = "task_not_found"
+
+
+class ConflictError(CdcdError):
+    code = 409
+    error = "conflict"
+
+
+class PayloadTooLarge(CdcdError):
+    code = 413
+    error = "payload_too_large"
+
+
+class MigrationError(CdcdError):
+    """A task's pipeline stopped; ``retryable`` says whether reconnecting may help."""
+
+    retryable = True
+
+
+class EndpointError(MigrationError):
+    """A server could not be reached, refused us, or dropped the link."""
+
+
+class FatalTaskError(MigrationError):
+    """Retrying cannot help: the operator must change something."""
+
+    retryable = False

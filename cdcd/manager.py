@@ -1,0 +1,126 @@
+"""The task registry: create/list/get/pause/resume/delete, and restart recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .errors import ConflictError, NotFoundError, RequestError
+from .spec import parse_spec, same_spec, spec_from_store
+from .store import Store
+from .task import State, Task
+
+log = logging.getLogger("cdcd.manager")
+
+
+class Manager:
+    def __init__(self, store: Store, *, max_tasks: int = 100) -> None:
+        self.store = store
+        self.max_tasks = max_tasks
+        self.tasks: dict[str, Task] = {}
+        self._ops = asyncio.Lock()   # one lifecycle operation at a time
+
+    async def _persist(self, task: Task) -> None:
+        if self.tasks.get(task.spec.task_id) is task:
+            self.store.put(task.spec.task_id, task.to_record())
+            await self.store.flush()
+
+    async def start(self) -> None:
+        """Load every stored task and restart the ones that were Running or Initial."""
+        for task_id, rec in self.store.open().items():
+            try:
+                spec = spec_from_store(rec["spec"])
+            except (RequestError, KeyError) as exc:
+                log.error("task %s: stored spec is unreadable, skipping it: %s", task_id, exc)
+                continue
+            task = Task(spec, self._persist, record=rec)
+            self.tasks[task_id] = task
+            if task.state in (State.RUNNING, State.INITIAL):
+                log.info("task %s: resuming after daemon restart (%s)", task_id,
+                         task.state.value)
+                task.start()
+
+    async def stop(self) -> None:
+        """Stop every pipeline, each with its checkpoint saved; states stay as they are."""
+        async with self._ops:
+            tasks = list(self.tasks.values())
+            results = await asyncio.gather(*(t.stop() for t in tasks), return_exceptions=True)
+            for t, r in zip(tasks, results):
+                if isinstance(r, BaseException):
+                    log.error("task %s: stopping failed: %s", t.spec.task_id, r)
+            await self.store.flush()
+            self.store.close()
+
+    def get(self, task_id: Any) -> Task:
+        if not isinstance(task_id, str) or not task_id:
+            raise RequestError("request_data.task_id: required (a string)")
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFoundError(f"task '{task_id}' does not exist")
+        return task
+
+    def list(self, state: str | None = None) -> list[Task]:
+        if state is not None and state not in {s.value for s in State}:
+            raise RequestError("request_data.state: must be one of "
+                               + ", ".join(s.value for s in State))
+        return [t for t in self.tasks.values() if state is None or t.state.value == state]
+
+    async def create(self, data: Any) -> Task:
+        spec = parse_spec(data)
+        async with self._ops:
+            existing = self.tasks.get(spec.task_id)
+            if existing is not None:
+                if same_spec(existing.spec, spec):
+                    return existing
+                raise ConflictError(f"task '{spec.task_id}' exists with a different spec")
+            if len(self.tasks) >= self.max_tasks:
+                raise ConflictError(f"max_tasks ({self.max_tasks}) reached; delete a task first")
+            task = Task(spec, self._persist)
+            self.tasks[spec.task_id] = task
+            await task.persist()
+            task.start()
+            log.info("task %s: created (%s, source %s, target %s)", spec.task_id,
+                     spec.migration_method, spec.source.display, spec.target.display)
+            return task
+
+    async def pause(self, task_id: Any) -> Task:
+        async with self._ops:
+            task = self.get(task_id)
+            if task.state == State.PAUSED:
+                return task
+            if task.state == State.SUCCEEDED:
+                raise ConflictError(f"task '{task_id}' has Succeeded; there is nothing to pause")
+            await task.stop()
+            task.set_state(State.PAUSED)
+            await task.persist()
+            return task
+
+    async def resume(self, task_id: Any) -> Task:
+        async with self._ops:
+            task = self.get(task_id)
+            if task.state in (State.RUNNING, State.INITIAL) and task.running:
+                return task
+            if task.state == State.SUCCEEDED:
+                raise ConflictError(f"task '{task_id}' has Succeeded; create a new task to "
+                                    f"copy again")
+            await task.stop()
+            task.set_state(State.RUNNING, phase=task.phase)
+            await task.persist()
+            task.start()
+            return task
+
+    async def delete(self, task_id: Any, ignore_not_found: bool = False) -> str:
+        async with self._ops:
+            try:
+                task = self.get(task_id)
+            except NotFoundError:
+                if ignore_not_found:
+                    return str(task_id)
+                raise
+            del self.tasks[task.spec.task_id]
+            await task.stop()
+            self.store.remove(task.spec.task_id)
+            await self.store.flush()
+            log.info("task %s: deleted", task_id)
+            return task.spec.task_id

@@ -1,0 +1,84 @@
+"""Counters a task's pipeline updates and the task view reports."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class Progress:
+    keys_total: int = 0
+    keys_done: int = 0
+    keys_skipped: int = 0
+    snapshot_bytes: int = 0
+    snapshot_done: bool = False
+    source_offset: int = 0
+    applied_offset: int = 0
+    lag_ms: float | None = None
+    ops_applied: int = 0
+    bytes_written: int = 0
+    retries: int = 0
+    full_resyncs: int = 0
+    last_error: str = ""
+    last_checkpoint_at: str = ""
+    reader: str = ""
+    _rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def sample(self) -> None:
+        """Record (time, work done) so ops_per_sec covers the last few seconds."""
+        self._rate.append((time.monotonic(), self.keys_done + self.ops_applied))
+
+    def ops_per_sec(self) -> float:
+        now = time.monotonic()
+        pts = [p for p in self._rate if now - p[0] <= 10]
+        if len(pts) < 2 or pts[-1][0] - pts[0][0] <= 0:
+            return 0.0
+        return round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 1)
+
+    def view(self, *, incremental: bool) -> dict[str, Any]:
+        total = max(self.keys_total, self.keys_done)
+        if self.snapshot_done:
+            percent = 100.0
+        elif total:
+            percent = round(min(99.9, 100.0 * self.keys_done / total), 1)
+        else:
+            percent = 0.0
+        out: dict[str, Any] = {
+            "snapshot": {"keys_total": total, "keys_done": self.keys_done,
+                         "keys_skipped": self.keys_skipped, "bytes": self.snapshot_bytes,
+                         "percent": percent},
+            "ops_per_sec": self.ops_per_sec(),
+            "bytes_written": self.bytes_written,
+            "retries": self.retries,
+            "full_resyncs": self.full_resyncs,
+            "last_error": self.last_error,
+            "last_checkpoint_at": self.last_checkpoint_at,
+            "reader": self.reader,
+        }
+        if incremental:
+            lag = max(0, self.source_offset - self.applied_offset)
+            out["incremental"] = {
+                "source_offset": self.source_offset, "applied_offset": self.applied_offset,
+                "lag_bytes": lag,
+                "lag_ms": None if self.lag_ms is None else round(self.lag_ms, 1),
+                "ops_applied": self.ops_applied,
+            }
+        return out
+
+    def to_record(self) -> dict[str, Any]:
+        return {"keys_total": self.keys_total, "keys_done": self.keys_done,
+                "keys_skipped": self.keys_skipped, "snapshot_bytes": self.snapshot_bytes,
+                "snapshot_done": self.snapshot_done, "ops_applied": self.ops_applied,
+                "bytes_written": self.bytes_written, "retries": self.retries,
+                "full_resyncs": self.full_resyncs, "last_error": self.last_error,
+                "applied_offset": self.applied_offset,
+                "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> "Progress":
+        known = {k: v for k, v in rec.items() if k in cls.__dataclass_fields__ and
+                 not k.startswith("_")}
+        return cls(**known)

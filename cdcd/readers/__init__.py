@@ -1,0 +1,1 @@
+"""Readers turn a source Redis into batches of entries (see ``cdcd.entry``)."""

@@ -1,0 +1,283 @@
+"""Validate and normalise a task spec (the ``create`` request_data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import RequestError
+
+MASK = "***"
+METHODS = ("full_amount_migration", "incremental_migration")
+READERS = ("auto", "psync", "scan")
+RESUME_MODES = ("auto", "manual")
+EXISTING_KEYS = ("replace", "skip", "fail")
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_DB = 15_999
+
+
+@dataclass(frozen=True, kw_only=True)
+class Endpoint:
+    """Where a Redis deployment is and how to log in; never prints its password."""
+
+    addrs: tuple[tuple[str, int], ...]
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+
+    def __repr__(self) -> str:
+        pw = MASK if self.password else ""
+        return f"Endpoint(addrs={self.display!r}, username={self.username!r}, password={pw!r})"
+
+    @property
+    def display(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.addrs)
+
+    def to_json(self, *, mask: bool) -> dict[str, Any]:
+        return {
+            "addrs": self.display,
+            "username": self.username,
+            "password": (MASK if self.password and mask else self.password),
+            "tls": self.tls,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filter:
+    dbs: tuple[int, ...] | None = None
+    include_prefixes: tuple[bytes, ...] = ()
+    exclude_prefixes: tuple[bytes, ...] = ()
+
+    def key_ok(self, key: bytes) -> bool:
+        if self.include_prefixes and not key.startswith(self.include_prefixes):
+            return False
+        return not (self.exclude_prefixes and key.startswith(self.exclude_prefixes))
+
+    def db_ok(self, db: int) -> bool:
+        return self.dbs is None or db in self.dbs
+
+    @property
+    def by_key(self) -> bool:
+        return bool(self.include_prefixes or self.exclude_prefixes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    task_id: str
+    name: str = ""
+    source: Endpoint
+    target: Endpoint
+    migration_method: str = "full_amount_migration"
+    reader: str = "auto"
+    resume_mode: str = "auto"
+    bandwidth_limit_mb: int | None = None
+    start_at: datetime | None = None
+    filter: Filter = field(default_factory=Filter)
+    db_mapping: dict[int, int] = field(default_factory=dict)
+    existing_keys: str = "replace"
+
+    @property
+    def incremental(self) -> bool:
+        return self.migration_method == "incremental_migration"
+
+    def target_db(self, db: int) -> int:
+        return self.db_mapping.get(db, db)
+
+    def to_json(self, *, mask: bool) -> dict[str, Any]:
+        """Return the spec as the API shows it (mask=True) or as the store keeps it."""
+        out: dict[str, Any] = {
+            "task_id": self.task_id,
+            "name": self.name,
+            "source": self.source.to_json(mask=mask),
+            "target": self.target.to_json(mask=mask),
+            "migration_method": self.migration_method,
+            "reader": self.reader,
+            "resume_mode": self.resume_mode,
+            "bandwidth_limit_mb": self.bandwidth_limit_mb,
+            "start_at": _fmt_time(self.start_at) if self.start_at else None,
+            "filter": {
+                "dbs": list(self.filter.dbs) if self.filter.dbs is not None else None,
+                "include_prefixes": [p.decode("utf-8", "surrogateescape")
+                                     for p in self.filter.include_prefixes],
+                "exclude_prefixes": [p.decode("utf-8", "surrogateescape")
+                                     for p in self.filter.exclude_prefixes],
+            },
+            "db_mapping": {str(k): v for k, v in sorted(self.db_mapping.items())},
+            "existing_keys": self.existing_keys,
+        }
+        return out
+
+    def __repr__(self) -> str:
+        return f"TaskSpec(task_id={self.task_id!r}, source={self.source!r}, target={self.target!r})"
+
+
+def _fmt_time(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+class _Fields:
+    """Pop typed fields from a JSON object, naming the path in every error."""
+
+    def __init__(self, obj: Any, path: str) -> None:
+        if not isinstance(obj, dict):
+            raise RequestError(f"{path}: must be an object")
+        self.obj = dict(obj)
+        self.path = path
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def pop(self, key: str, kind: type | tuple[type, ...], default: Any = None, *,
+            required: bool = False) -> Any:
+        if key not in self.obj or self.obj[key] is None:
+            self.obj.pop(key, None)
+            if required:
+                raise RequestError(f"{self._name(key)}: required")
+            return default
+        value = self.obj.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise RequestError(f"{self._name(key)}: must be {_kind_name(kinds)}")
+        if not isinstance(value, kinds):
+            raise RequestError(f"{self._name(key)}: must be {_kind_name(kinds)}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.pop(key, str, default)
+        if value not in choices:
+            raise RequestError(f"{self._name(key)}: must be one of {', '.join(choices)}")
+        return str(value)
+
+    def sub(self, key: str, *, required: bool = False) -> "_Fields | None":
+        value = self.pop(key, dict, None, required=required)
+        return None if value is None else _Fields(value, self._name(key))
+
+    def done(self) -> None:
+        if self.obj:
+            raise RequestError(f"{self._name(sorted(self.obj)[0])}: unknown field")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object",
+             list: "a list", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(p, str) for p in value):
+        parts = [p.strip() for p in value]
+    else:
+        raise RequestError(f"{path}: must be a string 'host:port[,host:port]' or a list of them")
+    out: list[tuple[str, int]] = []
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RequestError(f"{path}: {part!r} is not host:port")
+        out.append((host.strip("[]"), int(port)))
+    if not out:
+        raise RequestError(f"{path}: required")
+    return tuple(out)
+
+
+def parse_endpoint(fields: _Fields) -> Endpoint:
+    addrs = fields.pop("addrs", (str, list), required=True)
+    ep = Endpoint(
+        addrs=parse_addrs(addrs, fields._name("addrs")),
+        username=fields.pop("username", str, ""),
+        password=fields.pop("password", str, ""),
+        tls=fields.pop("tls", bool, False),
+    )
+    fields.done()
+    return ep
+
+
+def _prefixes(fields: _Fields, key: str) -> tuple[bytes, ...]:
+    items = fields.pop(key, list, [])
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise RequestError(f"{fields._name(key)}[{i}]: must be a non-empty string")
+    return tuple(str(item).encode("utf-8", "surrogateescape") for item in items)
+
+
+def parse_filter(fields: _Fields | None) -> Filter:
+    if fields is None:
+        return Filter()
+    dbs = fields.pop("dbs", list, None)
+    if dbs is not None:
+        for i, db in enumerate(dbs):
+            if isinstance(db, bool) or not isinstance(db, int) or not 0 <= db <= MAX_DB:
+                raise RequestError(f"{fields._name('dbs')}[{i}]: must be a db number 0..{MAX_DB}")
+        dbs = tuple(sorted(set(dbs)))
+    flt = Filter(dbs=dbs, include_prefixes=_prefixes(fields, "include_prefixes"),
+                 exclude_prefixes=_prefixes(fields, "exclude_prefixes"))
+    fields.done()
+    return flt
+
+
+def parse_time(value: str, path: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise RequestError(f"{path}: {value!r} is not an ISO 8601 time") from None
+    if t.tzinfo is None:
+        raise RequestError(f"{path}: needs a time zone (e.g. 2026-12-01T02:00:00Z)")
+    return t.astimezone(timezone.utc)
+
+
+def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
+    """Turn a create request's ``request_data`` into a TaskSpec, or raise RequestError."""
+    f = _Fields(data, path)
+    task_id = f.pop("task_id", str, None)
+    if task_id is None:
+        task_id = uuid.uuid4().hex
+    elif not TASK_ID_RE.match(task_id):
+        raise RequestError(f"{path}.task_id: use 1-128 letters, digits, '_', '.', '-'")
+    name = f.pop("name", str, "")
+    src = f.sub("source", required=True)
+    dst = f.sub("target", required=True)
+    assert src is not None and dst is not None
+    source = parse_endpoint(src)
+    target = parse_endpoint(dst)
+    method = f.choice("migration_method", METHODS, "full_amount_migration")
+    reader = f.choice("reader", READERS, "auto")
+    resume_mode = f.choice("resume_mode", RESUME_MODES, "auto")
+    bw = f.pop("bandwidth_limit_mb", int, None)
+    if bw is not None and not 1 <= bw <= 10240:
+        raise RequestError(f"{path}.bandwidth_limit_mb: must be 1..10240")
+    start_raw = f.pop("start_at", str, None)
+    start_at = parse_time(start_raw, f"{path}.start_at") if start_raw else None
+    flt = parse_filter(f.sub("filter"))
+    mapping_raw = f.pop("db_mapping", dict, {})
+    mapping: dict[int, int] = {}
+    for k, v in mapping_raw.items():
+        if not (isinstance(k, str) and k.isdigit() and int(k) <= MAX_DB):
+            raise RequestError(f"{path}.db_mapping: key {k!r} is not a db number")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DB:
+            raise RequestError(f"{path}.db_mapping.{k}: must be a db number 0..{MAX_DB}")
+        mapping[int(k)] = v
+    existing = f.choice("existing_keys", EXISTING_KEYS, "replace")
+    f.done()
+    if source.addrs == target.addrs:
+        raise RequestError(f"{path}.target.addrs: must differ from source.addrs")
+    return TaskSpec(task_id=task_id, name=name, source=source, target=target,
+                    migration_method=method, reader=reader, resume_mode=resume_mode,
+                    bandwidth_limit_mb=bw, start_at=start_at, filter=flt, db_mapping=mapping,
+                    existing_keys=existing)
+
+
+def spec_from_store(data: dict[str, Any]) -> TaskSpec:
+    """Rebuild a spec from what the store kept (unmasked, already validated once)."""
+    return parse_spec(data, path="stored spec")
+
+
+def same_spec(a: TaskSpec, b: TaskSpec) -> bool:
+    return dataclasses.replace(a, task_id="") == dataclasses.replace(b, task_id="") and \
+        a.task_id == b.task_id

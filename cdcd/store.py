@@ -1,0 +1,112 @@
+"""Keep task metadata and checkpoints in one JSON file under the data dir.
+
+Writes are atomic (temp file, fsync, rename, fsync of the dir): a crash at any instant
+leaves the previous or the next version. The file is 0600 because specs hold passwords.
+Writes run in a thread and are coalesced: many ``flush()`` calls at once cost one write,
+and each caller returns only once a write that includes its change is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import CdcdError
+
+log = logging.getLogger("cdcd.store")
+
+STORE_VERSION = 1
+FILE_NAME = "cdcd.json"
+
+
+class StoreError(CdcdError):
+    pass
+
+
+class Store:
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(data_dir)
+        self.path = self.dir / FILE_NAME
+        self._tasks: dict[str, dict[str, Any]] = {}
+        self._gen = 0            # bumped by every change
+        self._written = 0        # generation last on disk
+        self._lock = asyncio.Lock()
+        self._lock_fd: int | None = None
+
+    def open(self) -> dict[str, dict[str, Any]]:
+        """Take the data dir's lock and load every task record."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.dir / "cdcd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(f"data dir {self.dir} is in use by another cdcd process") from None
+        self._lock_fd = fd
+        for stale in self.dir.glob(f".{FILE_NAME}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            return {}
+        try:
+            doc = orjson.loads(self.path.read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        version = doc.get("version")
+        if version != STORE_VERSION:
+            raise StoreError(f"{self.path} has store version {version}, this cdcd reads "
+                             f"{STORE_VERSION}")
+        self._tasks = doc.get("tasks", {})
+        return copy.deepcopy(self._tasks)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def put(self, task_id: str, record: dict[str, Any]) -> None:
+        self._tasks[task_id] = record
+        self._gen += 1
+
+    def remove(self, task_id: str) -> None:
+        if self._tasks.pop(task_id, None) is not None:
+            self._gen += 1
+
+    async def flush(self) -> None:
+        """Return once everything put so far is on disk."""
+        wanted = self._gen
+        async with self._lock:
+            if self._written >= wanted:
+                return
+            gen = self._gen
+            data = orjson.dumps({"version": STORE_VERSION, "tasks": self._tasks},
+                                option=orjson.OPT_INDENT_2)
+            await asyncio.to_thread(self._write, data)
+            self._written = gen
+
+    def flush_sync(self) -> None:
+        data = orjson.dumps({"version": STORE_VERSION, "tasks": self._tasks},
+                            option=orjson.OPT_INDENT_2)
+        self._write(data)
+        self._written = self._gen
+
+    def _write(self, data: bytes) -> None:
+        tmp = self.dir / f".{FILE_NAME}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

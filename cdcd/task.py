@@ -1,0 +1,286 @@
+"""One migration task: its state machine and its pipeline (reader -> queue -> writer)."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from .entry import Batch
+from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, MigrationError
+from .progress import Progress
+from .ratelimit import TokenBucket
+from .readers.scan import ScanSnapshot
+from .resp import Connection, keyspace, parse_info
+from .spec import TaskSpec
+from .writer import Writer
+
+log = logging.getLogger("cdcd.task")
+
+QUEUE_BATCHES = 8
+CHECKPOINT_EVERY = 1.0
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+
+
+class State(str, enum.Enum):
+    INITIAL = "Initial"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+    SUCCEEDED = "Succeeded"
+
+
+# The allowed transitions, in one place.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.INITIAL: frozenset({State.RUNNING, State.PAUSED, State.FAILED}),
+    State.RUNNING: frozenset({State.PAUSED, State.FAILED, State.SUCCEEDED}),
+    State.PAUSED: frozenset({State.RUNNING, State.INITIAL}),
+    State.FAILED: frozenset({State.RUNNING, State.INITIAL, State.PAUSED}),
+    State.SUCCEEDED: frozenset(),
+}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+PersistFn = Callable[["Task"], Awaitable[None]]
+
+
+class Task:
+    def __init__(self, spec: TaskSpec, persist: PersistFn, *, record: dict[str, Any] | None = None
+                 ) -> None:
+        rec = record or {}
+        self.spec = spec
+        self.persist_fn = persist
+        self.state = State(rec.get("state", State.INITIAL.value))
+        self.phase: str = rec.get("phase", "")
+        self.reason: str = rec.get("reason", "")
+        self.created_at: str = rec.get("created_at") or now_iso()
+        self.updated_at: str = rec.get("updated_at") or self.created_at
+        self.checkpoint: dict[str, Any] = rec.get("checkpoint") or {}
+        self.progress = Progress.from_record(rec.get("progress") or {})
+        self.runner: asyncio.Task[None] | None = None
+        self._dirty = False
+
+    # --- view and persistence ---------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "task_id": self.spec.task_id,
+            "name": self.spec.name,
+            "state": self.state.value,
+            "phase": self.phase,
+            "reason": self.reason,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "spec": self.spec.to_json(mask=True),
+            "progress": self.progress.view(incremental=self.spec.incremental),
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_json(mask=False),
+            "state": self.state.value,
+            "phase": self.phase,
+            "reason": self.reason,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "checkpoint": self.checkpoint,
+            "progress": self.progress.to_record(),
+        }
+
+    async def persist(self) -> None:
+        self._dirty = False
+        await self.persist_fn(self)
+
+    def set_state(self, state: State, *, reason: str = "", phase: str | None = None) -> None:
+        if state != self.state and state not in TRANSITIONS[self.state]:
+            raise ConflictError(f"task '{self.spec.task_id}' is {self.state.value}; "
+                                f"it cannot become {state.value}")
+        if state != self.state:
+            log.info("task %s: %s -> %s%s", self.spec.task_id, self.state.value, state.value,
+                     f" ({reason})" if reason else "")
+        self.state = state
+        self.reason = reason
+        if phase is not None:
+            self.phase = phase
+        self.updated_at = now_iso()
+
+    def set_phase(self, phase: str) -> None:
+        if phase != self.phase:
+            log.info("task %s: phase %s", self.spec.task_id, phase)
+            self.phase = phase
+            self.updated_at = now_iso()
+
+    # --- lifecycle (called by the manager) ------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.runner is not None and not self.runner.done()
+
+    def start(self) -> None:
+        """Start (or restart) the pipeline; the manager owns and awaits the runner."""
+        assert not self.running
+        self.runner = asyncio.create_task(self._run(), name=f"cdcd-task-{self.spec.task_id}")
+
+    async def stop(self) -> None:
+        """Cancel the pipeline and wait for it; the checkpoint written last stays."""
+        runner, self.runner = self.runner, None
+        if runner is not None and not runner.done():
+            runner.cancel()
+            try:
+                await runner
+            except asyncio.CancelledError:
+                if asyncio.current_task() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+        await self.persist()
+
+    # --- the pipeline ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        spec = self.spec
+        try:
+            if spec.start_at is not None:
+                wait = (spec.start_at - datetime.now(timezone.utc)).total_seconds()
+                if wait > 0:
+                    self.set_phase("scheduled")
+                    await self.persist()
+                    await asyncio.sleep(wait)
+            if self.state != State.RUNNING:
+                self.set_state(State.RUNNING)
+                await self.persist()
+            await self._attempts()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: fail this task, keep the daemon and the others
+            log.exception("task %s: internal error", spec.task_id)
+            self.set_state(State.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
+            await self.persist()
+
+    async def _attempts(self) -> None:
+        delay = BACKOFF_START
+        while True:
+            try:
+                await self._pipeline()
+                return
+            except MigrationError as exc:
+                self.progress.last_error = exc.message
+                log.warning("task %s: %s", self.spec.task_id, exc.message)
+                never_started = not self.checkpoint
+                if (not exc.retryable or self.spec.resume_mode == "manual"
+                        or (never_started and self.phase == "precheck")):
+                    self.set_state(State.FAILED, reason=exc.message)
+                    await self.persist()
+                    return
+                self.progress.retries += 1
+                self.reason = f"retrying after: {exc.message}"
+                await self.persist()
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _pipeline(self) -> None:
+        spec = self.spec
+        self.set_phase("precheck")
+        source = await Connection.open_endpoint(spec.source, role="source")
+        try:
+            target = await Connection.open_endpoint(spec.target, role="target")
+        except BaseException:
+            source.close()
+            raise
+        try:
+            await self._precheck(source, target)
+            if not self.progress.snapshot_done:
+                self.set_phase("snapshot")
+                self.reason = ""
+                await self.persist()
+                await self._snapshot(source, target)
+            if spec.incremental:
+                raise FatalTaskError("incremental_migration is not supported by this build yet")
+            self.set_state(State.SUCCEEDED, phase="done")
+            await self.persist()
+        finally:
+            source.close()
+            target.close()
+
+    async def _precheck(self, source: Connection, target: Connection) -> None:
+        await source.call("PING")
+        await target.call("PING")
+        if self.checkpoint or self.spec.existing_keys != "fail":
+            return
+        dbs = keyspace(parse_info(await source.call("INFO", "keyspace")))
+        wanted = {self.spec.target_db(db) for db in dbs if self.spec.filter.db_ok(db)}
+        held = keyspace(parse_info(await target.call("INFO", "keyspace")))
+        busy = {db: n for db, n in held.items() if db in wanted and n}
+        if busy:
+            detail = ", ".join(f"db {db} holds {n} keys" for db, n in sorted(busy.items()))
+            raise FatalTaskError(f"{target.name}: target is not empty ({detail}) and "
+                                 f"existing_keys is 'fail'")
+
+    async def _snapshot(self, source: Connection, target: Connection) -> None:
+        spec = self.spec
+        self.progress.reader = "scan"
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+        limiter = (TokenBucket(spec.bandwidth_limit_mb * 1_000_000)
+                   if spec.bandwidth_limit_mb else None)
+        writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
+                        db_map=spec.target_db, limiter=limiter)
+        reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
+        await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
+                           self._checkpointer())
+        self.progress.snapshot_done = True
+        self.checkpoint["snapshot"] = {"done": True}
+        await self.persist()
+
+    async def _ack_snapshot(self, batch: Batch) -> None:
+        self.checkpoint["snapshot"] = batch.checkpoint
+        self._dirty = True
+
+    async def _checkpointer(self) -> None:
+        """Persist the latest acknowledged checkpoint about once a second."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_EVERY)
+            self.progress.sample()
+            if self._dirty:
+                self.progress.last_checkpoint_at = now_iso()
+                await self.persist()
+
+
+async def run_pipeline(*parts: Awaitable[None]) -> None:
+    """Run the parts together until the first two (reader, writer) finish; re-raise the
+    first failure as itself, not as an ExceptionGroup."""
+    main = list(parts[:2])
+    background = list(parts[2:])
+    try:
+        async with asyncio.TaskGroup() as tg:
+            mains = [tg.create_task(p) for p in main]  # type: ignore[arg-type]
+            extra = [tg.create_task(p) for p in background]  # type: ignore[arg-type]
+            await asyncio.wait(mains, return_when=asyncio.ALL_COMPLETED)
+            for t in extra:
+                t.cancel()
+    except BaseExceptionGroup as eg:
+        raise first_error(eg) from None
+
+
+def first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Pick the error that explains a pipeline failure: ours first, then anything else."""
+    flat: list[BaseException] = []
+    stack: list[BaseException] = [eg]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(reversed(e.exceptions))
+        else:
+            flat.append(e)
+    for e in flat:
+        if isinstance(e, CdcdError):
+            return e
+    for e in flat:
+        if isinstance(e, (ConnectionError, OSError)):
+            return EndpointError(f"connection error: {e}")
+    return flat[0]

@@ -1,0 +1,125 @@
+"""Apply batches of entries to the target: pipelined, several batches in flight.
+
+A batch's checkpoint is handed to ``on_ack`` only when the target has answered every
+command of that batch and of every batch before it, so a checkpoint never claims more
+than the target holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .entry import COMMAND, RESTORE, Batch
+from .errors import FatalTaskError
+from .progress import Progress
+from .ratelimit import TokenBucket
+from .resp import Connection, ReplyError, encode_into
+
+log = logging.getLogger("cdcd.writer")
+
+AckFn = Callable[[Batch], Awaitable[None]]
+
+
+class Writer:
+    """Write to one standalone target over one connection."""
+
+    def __init__(self, conn: Connection, *, progress: Progress, replace: bool = True,
+                 db_map: Callable[[int], int] = lambda db: db, max_inflight: int = 4,
+                 limiter: TokenBucket | None = None) -> None:
+        self.conn = conn
+        self.progress = progress
+        self.replace = replace
+        self.db_map = db_map
+        self.max_inflight = max_inflight
+        self.limiter = limiter
+        self.db = conn.db
+        # (batch, replies expected, reply positions that answer our own SELECTs)
+        self.inflight: deque[tuple[Batch, int, list[int]]] = deque()
+
+    async def run(self, queue: "asyncio.Queue[Batch | None]", on_ack: AckFn) -> None:
+        """Consume batches until a None arrives; acknowledge each once the target has it."""
+        while True:
+            batch = await queue.get()
+            if batch is None:
+                break
+            await self.send(batch)
+            while len(self.inflight) >= self.max_inflight:
+                await on_ack(await self.collect())
+        while self.inflight:
+            await on_ack(await self.collect())
+
+    async def send(self, batch: Batch) -> None:
+        parts: list[bytes] = []
+        n = 0
+        nbytes = 0
+        selects: list[int] = []
+        restore_tail = [b"REPLACE", b"ABSTTL"] if self.replace else [b"ABSTTL"]
+        for entry in batch.entries:
+            db = self.db_map(entry[1])
+            if db != self.db:
+                nbytes += encode_into(parts, [b"SELECT", str(db).encode()])
+                selects.append(n)
+                n += 1
+                self.db = db
+            if entry[0] == RESTORE:
+                nbytes += encode_into(parts, [b"RESTORE", entry[2], b"%d" % entry[3], entry[4],
+                                              *restore_tail])
+            else:
+                nbytes += encode_into(parts, entry[2])
+            n += 1
+        if self.limiter is not None:
+            await self.limiter.take(nbytes)
+        self.conn.send(parts)
+        await self.conn.drain()
+        self.progress.bytes_written += nbytes
+        self.inflight.append((batch, n, selects))
+
+    async def collect(self) -> Batch:
+        """Read the replies of the oldest batch in flight; raise on a reply that loses data."""
+        batch, n, selects = self.inflight.popleft()
+        replies = await self.conn.read_replies(n)
+        for r in replies:
+            if r.__class__ is ReplyError:
+                self._check(batch, replies, selects)
+                break
+        p = self.progress
+        for entry in batch.entries:
+            if entry[0] == RESTORE:
+                p.keys_done += 1
+                p.snapshot_bytes += len(entry[4])
+            else:
+                p.ops_applied += 1
+        return batch
+
+    def _check(self, batch: Batch, replies: list[Any], selects: list[int]) -> None:
+        """Match error replies to entries and decide what each one means."""
+        for pos in selects:
+            if replies[pos].__class__ is ReplyError:
+                raise FatalTaskError(f"{self.conn.name}: SELECT failed: {replies[pos]}")
+        skip = set(selects)
+        answers = (r for i, r in enumerate(replies) if i not in skip)
+        for entry, reply in zip(batch.entries, answers):
+            if reply.__class__ is not ReplyError:
+                continue
+            msg = str(reply)
+            if entry[0] == RESTORE:
+                if msg.startswith("BUSYKEY") and not self.replace:
+                    self.progress.keys_skipped += 1
+                    continue
+                raise FatalTaskError(f"{self.conn.name}: RESTORE of key {show_key(entry[2])} "
+                                     f"(db {self.db_map(entry[1])}) failed: {msg}")
+            raise FatalTaskError(f"{self.conn.name}: {show_args(entry[2])} failed: {msg}")
+
+
+def show_key(key: bytes, limit: int = 80) -> str:
+    text = repr(key[:limit])[1:]
+    return text + ("..." if len(key) > limit else "")
+
+
+def show_args(args: list[bytes]) -> str:
+    head = args[0].decode(errors="replace").upper()
+    return f"{head} {show_key(args[1])}" if len(args) > 1 else head
