@@ -14,6 +14,7 @@ from .entry import Batch
 from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
+from .readers.psync import PsyncReader, PsyncRefused, StreamPos
 from .readers.scan import ScanSnapshot
 from .resp import Connection, keyspace, parse_info
 from .spec import TaskSpec
@@ -66,6 +67,7 @@ class Task:
         self.checkpoint: dict[str, Any] = rec.get("checkpoint") or {}
         self.progress = Progress.from_record(rec.get("progress") or {})
         self.runner: asyncio.Task[None] | None = None
+        self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
         self._dirty = False
 
     # --- view and persistence ---------------------------------------------------------------
@@ -93,6 +95,7 @@ class Task:
             "updated_at": self.updated_at,
             "checkpoint": self.checkpoint,
             "progress": self.progress.to_record(),
+            "fallback": self.fallback,
         }
 
     async def persist(self) -> None:
@@ -195,18 +198,118 @@ class Task:
             raise
         try:
             await self._precheck(source, target)
-            if not self.progress.snapshot_done:
-                self.set_phase("snapshot")
-                self.reason = ""
-                await self.persist()
-                await self._snapshot(source, target)
-            if spec.incremental:
-                raise FatalTaskError("incremental_migration is not supported by this build yet")
+            reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
+            self.progress.reader = reader
+            if reader == "psync":
+                try:
+                    await self._run_psync(source, target)
+                except PsyncRefused as exc:
+                    if spec.reader != "auto" or self.checkpoint.get("stream"):
+                        raise
+                    log.warning("task %s: falling back to the scan reader: %s",
+                                spec.task_id, exc.message)
+                    self.progress.reader = reader = "scan"
+                    self.fallback = f"reader auto fell back to scan: {exc.message}"
+            if reader == "scan":
+                if not self.progress.snapshot_done:
+                    self.set_phase("snapshot")
+                    self.reason = self.fallback
+                    await self.persist()
+                    await self._scan_snapshot(source, target)
+                if spec.incremental:
+                    raise FatalTaskError(
+                        "incremental_migration needs the psync reader; the scan reader's "
+                        "keyspace-notification feed is not implemented")
             self.set_state(State.SUCCEEDED, phase="done")
             await self.persist()
         finally:
             source.close()
             target.close()
+
+    async def _target_marker(self, target: Connection) -> StreamPos | None:
+        """Read the checkpoint the target itself holds (written with every stream batch)."""
+        await target.select(0)
+        raw = await target.call("GET", self.marker_key)
+        if not raw:
+            return None
+        try:
+            replid, offset, db = raw.decode().split()
+            return StreamPos(replid=replid, offset=int(offset), db=int(db))
+        except ValueError:
+            raise FatalTaskError(f"{target.name}: checkpoint key {self.marker_key.decode()} "
+                                 f"holds {raw[:60]!r}, not a cdcd checkpoint") from None
+
+    @property
+    def marker_key(self) -> bytes:
+        return f"cdcd:checkpoint:{self.spec.task_id}".encode()
+
+    def _marker(self, checkpoint: Any) -> list[bytes] | None:
+        if not isinstance(checkpoint, StreamPos):
+            return None
+        value = f"{checkpoint.replid} {checkpoint.offset} {checkpoint.db}".encode()
+        return [b"SET", self.marker_key, value]
+
+    async def _run_psync(self, source: Connection, target: Connection) -> None:
+        spec = self.spec
+        local = StreamPos.from_json(self.checkpoint.get("stream"))
+        remote = await self._target_marker(target) if spec.incremental else None
+        resume = local
+        if remote is not None and (local is None or (remote.replid == local.replid and
+                                                     remote.offset > local.offset)):
+            # The target applied batches whose checkpoint the store did not get to keep.
+            resume = remote
+        if not spec.incremental:
+            resume = None
+        host, port = spec.source.addrs[0]
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+
+        def on_full_sync(replid: str, offset: int) -> None:
+            if resume is not None:
+                self.progress.full_resyncs += 1
+                self.reason = (f"source answered a full resync (offset {resume.offset + 1} of "
+                               f"{resume.replid} no longer in its backlog); snapshot redone")
+                log.warning("task %s: %s", spec.task_id, self.reason)
+            p = self.progress
+            p.keys_done = p.keys_total = p.snapshot_bytes = p.keys_skipped = 0
+            p.snapshot_done = False
+            self.set_phase("snapshot")
+
+        def on_stream() -> None:
+            self.set_phase("incremental")
+
+        reader = PsyncReader(spec, self.progress, resume=resume, host=host, port=port,
+                             rdb_only=not spec.incremental, on_full_sync=on_full_sync,
+                             on_stream=on_stream)
+        writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
+                        db_map=spec.target_db, limiter=self._limiter(),
+                        marker=self._marker if spec.incremental else None)
+
+        async def ack(batch: Batch) -> None:
+            pos = batch.checkpoint
+            if isinstance(pos, StreamPos):
+                reader.acked(pos)
+                self.progress.applied_offset = pos.offset
+                self.progress.source_offset = max(self.progress.source_offset, pos.offset)
+                self.progress.snapshot_done = True
+                self.checkpoint["stream"] = pos.to_json()
+                self._dirty = True
+
+        await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
+                           self._poll_source_offset(source))
+        self.progress.snapshot_done = True
+        await self.persist()
+
+    async def _poll_source_offset(self, source: Connection) -> None:
+        """Sample the source's own replication offset, so lag counts what we have not read."""
+        while True:
+            info = parse_info(await source.call("INFO", "replication"))
+            off = int(info.get("master_repl_offset", "0") or 0)
+            self.progress.source_offset = max(self.progress.source_offset, off)
+            await asyncio.sleep(1.0)
+
+    def _limiter(self) -> TokenBucket | None:
+        mb = self.spec.bandwidth_limit_mb
+        return TokenBucket(mb * 1_000_000) if mb else None
 
     async def _precheck(self, source: Connection, target: Connection) -> None:
         await source.call("PING")
@@ -222,14 +325,11 @@ class Task:
             raise FatalTaskError(f"{target.name}: target is not empty ({detail}) and "
                                  f"existing_keys is 'fail'")
 
-    async def _snapshot(self, source: Connection, target: Connection) -> None:
+    async def _scan_snapshot(self, source: Connection, target: Connection) -> None:
         spec = self.spec
-        self.progress.reader = "scan"
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
-        limiter = (TokenBucket(spec.bandwidth_limit_mb * 1_000_000)
-                   if spec.bandwidth_limit_mb else None)
         writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
-                        db_map=spec.target_db, limiter=limiter)
+                        db_map=spec.target_db, limiter=self._limiter())
         reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
         await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
                            self._checkpointer())

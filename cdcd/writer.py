@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .entry import COMMAND, RESTORE, Batch
-from .errors import FatalTaskError
+from .errors import EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
 from .resp import Connection, ReplyError, encode_into
@@ -29,20 +29,29 @@ class Writer:
 
     def __init__(self, conn: Connection, *, progress: Progress, replace: bool = True,
                  db_map: Callable[[int], int] = lambda db: db, max_inflight: int = 4,
-                 limiter: TokenBucket | None = None) -> None:
+                 limiter: TokenBucket | None = None,
+                 marker: Callable[[Any], list[bytes] | None] | None = None) -> None:
         self.conn = conn
         self.progress = progress
         self.replace = replace
         self.db_map = db_map
         self.max_inflight = max_inflight
         self.limiter = limiter
+        # marker(checkpoint) -> a command recording the checkpoint on the target (run in db 0
+        # in the same MULTI/EXEC as the batch), or None for a batch sent without MULTI.
+        self.marker = marker
         self.db = conn.db
-        # (batch, replies expected, reply positions that answer our own SELECTs)
-        self.inflight: deque[tuple[Batch, int, list[int]]] = deque()
+        # (batch, replies expected, reply positions that answer our own SELECTs,
+        #  whether the batch is wrapped in MULTI/EXEC)
+        self.inflight: deque[tuple[Batch, int, list[int], bool]] = deque()
 
     async def run(self, queue: "asyncio.Queue[Batch | None]", on_ack: AckFn) -> None:
         """Consume batches until a None arrives; acknowledge each once the target has it."""
         while True:
+            if self.inflight and queue.empty():
+                # Nothing new to send: acknowledge what is in flight instead of waiting.
+                await on_ack(await self.collect())
+                continue
             batch = await queue.get()
             if batch is None:
                 break
@@ -58,6 +67,9 @@ class Writer:
         nbytes = 0
         selects: list[int] = []
         restore_tail = [b"REPLACE", b"ABSTTL"] if self.replace else [b"ABSTTL"]
+        mark = self.marker(batch.checkpoint) if self.marker is not None else None
+        if mark is not None:
+            nbytes += encode_into(parts, [b"MULTI"])
         for entry in batch.entries:
             db = self.db_map(entry[1])
             if db != self.db:
@@ -71,17 +83,28 @@ class Writer:
             else:
                 nbytes += encode_into(parts, entry[2])
             n += 1
+        if mark is not None:
+            if self.db != 0:
+                nbytes += encode_into(parts, [b"SELECT", b"0"])
+                selects.append(n)
+                n += 1
+                self.db = 0
+            nbytes += encode_into(parts, mark)
+            nbytes += encode_into(parts, [b"EXEC"])
         if self.limiter is not None:
             await self.limiter.take(nbytes)
         self.conn.send(parts)
         await self.conn.drain()
         self.progress.bytes_written += nbytes
-        self.inflight.append((batch, n, selects))
+        self.inflight.append((batch, n, selects, mark is not None))
 
     async def collect(self) -> Batch:
         """Read the replies of the oldest batch in flight; raise on a reply that loses data."""
-        batch, n, selects = self.inflight.popleft()
-        replies = await self.conn.read_replies(n)
+        batch, n, selects, atomic = self.inflight.popleft()
+        if atomic:
+            replies = await self._exec_replies(batch, n, selects)
+        else:
+            replies = await self.conn.read_replies(n)
         for r in replies:
             if r.__class__ is ReplyError:
                 self._check(batch, replies, selects)
@@ -94,6 +117,25 @@ class Writer:
             else:
                 p.ops_applied += 1
         return batch
+
+    async def _exec_replies(self, batch: Batch, n: int, selects: list[int]) -> list[Any]:
+        """Read MULTI, n+1 QUEUED and EXEC; return the n entry/SELECT results from EXEC."""
+        replies = await self.conn.read_replies(n + 3)
+        queued, result = replies[1:n + 1], replies[-1]
+        if result.__class__ is ReplyError or not isinstance(result, list):
+            # Refused at queue time (unknown command, OOM, ...): nothing was applied.
+            self._check(batch, queued, selects)
+            err = replies[n + 1] if replies[n + 1].__class__ is ReplyError else result
+            raise self._refused(f"{self.conn.name}: transaction refused: {err}", str(err))
+        if result[-1].__class__ is ReplyError:
+            raise FatalTaskError(f"{self.conn.name}: writing the checkpoint marker failed: "
+                                 f"{result[-1]}")
+        return list(result[:n])
+
+    def _refused(self, message: str, reply: str) -> MigrationError:
+        if reply.startswith(("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN")):
+            return EndpointError(message)
+        return FatalTaskError(message)
 
     def _check(self, batch: Batch, replies: list[Any], selects: list[int]) -> None:
         """Match error replies to entries and decide what each one means."""
@@ -110,9 +152,9 @@ class Writer:
                 if msg.startswith("BUSYKEY") and not self.replace:
                     self.progress.keys_skipped += 1
                     continue
-                raise FatalTaskError(f"{self.conn.name}: RESTORE of key {show_key(entry[2])} "
-                                     f"(db {self.db_map(entry[1])}) failed: {msg}")
-            raise FatalTaskError(f"{self.conn.name}: {show_args(entry[2])} failed: {msg}")
+                raise self._refused(f"{self.conn.name}: RESTORE of key {show_key(entry[2])} "
+                                    f"(db {self.db_map(entry[1])}) failed: {msg}", msg)
+            raise self._refused(f"{self.conn.name}: {show_args(entry[2])} failed: {msg}", msg)
 
 
 def show_key(key: bytes, limit: int = 80) -> str:

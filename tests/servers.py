@@ -85,6 +85,7 @@ class RedisServer:
             self.port = free_port()
         cmd = [self.bin, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                "--save", "", "--appendonly", "no", "--daemonize", "no",
+               "--repl-diskless-sync-delay", "0",
                "--logfile", str(self.dir / "server.log"), "--protected-mode", "no"]
         if self.password:
             cmd += ["--requirepass", self.password]

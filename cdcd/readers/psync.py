@@ -1,0 +1,344 @@
+"""Act as a replica of the source: PSYNC, split the RDB into RESTOREs, then follow the
+replication stream command by command, tracking the replication offset exactly.
+
+The reader emits batches whose checkpoint is a ``StreamPos`` (replid, offset, db): the
+offset of the last byte the batch covers and the db selected at that point. A batch never
+ends inside a MULTI/EXEC block of the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import hiredis
+
+from ..entry import COMMAND, RESTORE, Batch, Entry
+from ..errors import EndpointError, FatalTaskError
+from ..progress import Progress
+from ..rdb import FunctionRecord, KeyRecord, RdbError, RdbSplitter
+from ..resp import Connection, ServerReplyError, encode
+from ..spec import TaskSpec
+from .keys import CommandFilter
+
+log = logging.getLogger("cdcd.reader.psync")
+
+READ_CHUNK = 1 << 18
+BATCH_ENTRIES = 2048
+BATCH_BYTES = 1 << 20
+STREAM_TIMEOUT = 75.0      # the master PINGs every 10 s (repl-ping-replica-period)
+HANDSHAKE_TIMEOUT = 30.0
+ACK_EVERY = 1.0
+
+
+class PsyncRefused(FatalTaskError):
+    """The source will not act as our master (ACL, unknown command on managed services)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamPos:
+    replid: str
+    offset: int
+    db: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"replid": self.replid, "offset": self.offset, "db": self.db}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> "StreamPos | None":
+        if not d or not d.get("replid"):
+            return None
+        return cls(replid=str(d["replid"]), offset=int(d["offset"]), db=int(d.get("db", 0)))
+
+
+def command_size(args: list[bytes]) -> int:
+    """Bytes a command takes in the replication stream (the master sends canonical RESP)."""
+    n = len(b"*%d\r\n" % len(args))
+    for a in args:
+        n += len(b"$%d\r\n" % len(a)) + len(a) + 2
+    return n
+
+
+class PsyncReader:
+    """One replica link to one source node.
+
+    Callbacks: ``on_full_sync(replid, offset)`` before the RDB is applied (the task resets
+    snapshot progress and counts a resync), ``on_stream()`` when the RDB is done and the
+    command stream begins.
+    """
+
+    def __init__(self, spec: TaskSpec, progress: Progress, *, resume: StreamPos | None,
+                 host: str, port: int, rdb_only: bool = False,
+                 on_full_sync: Callable[[str, int], None] = lambda r, o: None,
+                 on_stream: Callable[[], None] = lambda: None) -> None:
+        self.spec = spec
+        self.progress = progress
+        self.resume = resume
+        self.host = host
+        self.port = port
+        self.rdb_only = rdb_only
+        self.on_full_sync = on_full_sync
+        self.on_stream = on_stream
+        self.name = f"source {host}:{port}"
+        self.replid = ""
+        self.offset = 0           # offset of the last byte consumed from the stream
+        self.db = 0
+        self.applied = 0          # offset the target has acknowledged (sent in REPLCONF ACK)
+        self.conn: Connection | None = None
+        self.filter = CommandFilter(spec)
+        self.scripts: dict[bytes, bytes] = {}
+        self.pending: list[tuple[int, float]] = []   # (offset, received at) not yet applied
+        self._buf = b""
+
+    # --- the link ---------------------------------------------------------------------------
+
+    async def run(self, out: "asyncio.Queue[Batch | None]") -> None:
+        conn = await Connection.open(self.host, self.port, role="source", ep=self.spec.source)
+        self.conn = conn
+        try:
+            full = await self._handshake(conn)
+            if full:
+                await self._read_rdb(conn, out)
+                if self.rdb_only:
+                    await out.put(None)
+                    return
+            self.on_stream()
+            async with asyncio.TaskGroup() as tg:
+                acker = tg.create_task(self._ack_loop(conn))
+                try:
+                    await self._stream(conn, out)
+                finally:
+                    acker.cancel()
+        finally:
+            conn.close()
+
+    async def _handshake(self, conn: Connection) -> bool:
+        """Ask for a partial resync from the checkpoint; return True for a full resync."""
+        listen = conn.writer.get_extra_info("sockname")
+        try:
+            await conn.call("REPLCONF", "listening-port", listen[1] if listen else 0,
+                            timeout=HANDSHAKE_TIMEOUT)
+            await conn.call("REPLCONF", "capa", "eof", "capa", "psync2",
+                            timeout=HANDSHAKE_TIMEOUT)
+        except ServerReplyError as exc:
+            raise PsyncRefused(f"{self.name}: refuses to replicate to us: {exc.reply}") from exc
+        if self.resume is not None:
+            psync = encode(["PSYNC", self.resume.replid, str(self.resume.offset + 1)])
+        else:
+            psync = encode(["PSYNC", "?", "-1"])
+        conn.send(psync)
+        await conn.drain()
+        line = await self._line(conn)
+        if line.startswith(b"+FULLRESYNC"):
+            parts = line.split()
+            if len(parts) < 3:
+                raise EndpointError(f"{self.name}: malformed reply {line[:100]!r}")
+            self.replid, self.offset = parts[1].decode(), int(parts[2])
+            self.db = 0
+            log.info("%s: full resync from %s offset %d", self.name, self.replid, self.offset)
+            self.on_full_sync(self.replid, self.offset)
+            return True
+        if line.startswith(b"+CONTINUE"):
+            assert self.resume is not None
+            parts = line.split()
+            self.replid = parts[1].decode() if len(parts) > 1 else self.resume.replid
+            self.offset = self.resume.offset
+            self.db = self.resume.db
+            self.applied = self.offset
+            log.info("%s: partial resync continues at offset %d", self.name, self.offset + 1)
+            return False
+        text = line.decode(errors="replace")
+        if line.startswith(b"-NOPERM") or "unknown command" in text.lower() or \
+                line.startswith(b"-NOAUTH"):
+            raise PsyncRefused(f"{self.name}: refuses PSYNC: {text[1:]}")
+        raise EndpointError(f"{self.name}: PSYNC failed: {text[1:] if text else 'no reply'}")
+
+    async def _line(self, conn: Connection) -> bytes:
+        """Read one status line, skipping the bare newlines a master sends as keep-alives."""
+        while True:
+            try:
+                line = await asyncio.wait_for(conn.reader.readline(), HANDSHAKE_TIMEOUT * 4)
+            except asyncio.TimeoutError:
+                raise EndpointError(f"{self.name}: no answer to PSYNC") from None
+            except (ConnectionError, OSError) as exc:
+                raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
+            if not line:
+                raise EndpointError(f"{self.name}: connection closed during the handshake")
+            line = line.strip(b"\r\n")
+            if line:
+                return line
+
+    async def _read(self, conn: Connection, n: int = READ_CHUNK) -> bytes:
+        try:
+            data = await asyncio.wait_for(conn.reader.read(n), STREAM_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise EndpointError(f"{self.name}: no data for {STREAM_TIMEOUT:g}s") from None
+        except (ConnectionError, OSError) as exc:
+            raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
+        if not data:
+            raise EndpointError(f"{self.name}: connection closed by the source")
+        return data
+
+    # --- the RDB ----------------------------------------------------------------------------
+
+    async def _read_rdb(self, conn: Connection, out: "asyncio.Queue[Batch | None]") -> None:
+        header = await self._line(conn)
+        if not header.startswith(b"$"):
+            raise EndpointError(f"{self.name}: expected an RDB, got {header[:80]!r}")
+        spec = self.spec
+        flt = spec.filter
+        want = None
+        if flt.by_key or flt.dbs is not None:
+            def want(db: int, key: bytes) -> bool:
+                return flt.db_ok(db) and flt.key_ok(key)
+        splitter = RdbSplitter(want=want)
+        eof_mark: bytes | None = None
+        remaining = -1
+        if header.startswith(b"$EOF:"):
+            eof_mark = header[5:]
+            if len(eof_mark) != 40:
+                raise EndpointError(f"{self.name}: bad diskless EOF mark {header!r}")
+        else:
+            remaining = int(header[1:])
+        entries: list[Entry] = []
+        nbytes = 0
+        try:
+            while not splitter.done:
+                data = await self._read(conn)
+                if remaining >= 0:
+                    if len(data) > remaining:
+                        self._buf = data[remaining:]
+                        data = data[:remaining]
+                    remaining -= len(data)
+                for rec in splitter.feed(data):
+                    if rec.__class__ is KeyRecord:
+                        entries.append((RESTORE, rec.db, rec.key,  # type: ignore[union-attr]
+                                        max(rec.expire_ms, 0), rec.payload))  # type: ignore[union-attr]
+                        nbytes += len(rec.payload)  # type: ignore[union-attr]
+                    elif isinstance(rec, FunctionRecord):
+                        entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE", rec.code]))
+                if len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES:
+                    await out.put(Batch(entries, None, nbytes, len(entries)))
+                    entries, nbytes = [], 0
+                if remaining == 0 and not splitter.done:
+                    raise EndpointError(f"{self.name}: RDB ended before its EOF opcode")
+        except RdbError as exc:
+            raise FatalTaskError(f"{self.name}: cannot parse the RDB: {exc}") from exc
+        rest = splitter.take_rest() + self._buf
+        if eof_mark is not None:
+            while len(rest) < 40:
+                rest += await self._read(conn)
+            if rest[:40] != eof_mark:
+                raise EndpointError(f"{self.name}: diskless RDB did not end with its EOF mark")
+            rest = rest[40:]
+        self._buf = rest
+        self.progress.keys_total = max(self.progress.keys_total, splitter.keys_seen)
+        pos = StreamPos(replid=self.replid, offset=self.offset, db=0)
+        await out.put(Batch(entries, pos, nbytes, len(entries)))
+
+    # --- the command stream -----------------------------------------------------------------
+
+    async def _ack_loop(self, conn: Connection) -> None:
+        """Tell the master how far we are, every second, so it never drops the link."""
+        while True:
+            conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
+            await conn.drain()
+            await asyncio.sleep(ACK_EVERY)
+
+    async def _stream(self, conn: Connection, out: "asyncio.Queue[Batch | None]") -> None:
+        parser = hiredis.Reader()
+        if self._buf:
+            parser.feed(self._buf)
+            self._buf = b""
+        entries: list[Entry] = []
+        nbytes = 0
+        in_multi: list[Entry] | None = None
+        dirty = False     # the offset moved since the last batch went out
+        flt = self.filter
+        while True:
+            args = parser.gets()
+            if args is False:
+                if dirty and in_multi is None:
+                    await self._emit(out, entries, nbytes)
+                    entries, nbytes, dirty = [], 0, False
+                parser.feed(await self._read(conn))
+                self.progress.source_offset = max(self.progress.source_offset,
+                                                  self.offset + parser_pending(parser))
+                continue
+            if not isinstance(args, list) or not args:
+                raise EndpointError(f"{self.name}: unexpected data in the stream: "
+                                    f"{str(args)[:80]}")
+            size = command_size(args)
+            self.offset += size
+            dirty = True
+            name = args[0].lower()
+            if name == b"select":
+                self.db = int(args[1])
+                continue
+            if name in (b"ping", b"replconf"):
+                if name == b"replconf" and len(args) > 1 and args[1].lower() == b"getack":
+                    conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
+                continue
+            if name == b"multi":
+                in_multi = []
+                continue
+            if name == b"exec":
+                if in_multi is not None:
+                    entries.extend(in_multi)
+                in_multi = None
+                continue
+            if name in (b"eval", b"script") or name == b"evalsha":
+                args = self._script(args)
+                if args is None:
+                    continue
+            target = in_multi if in_multi is not None else entries
+            if flt.trivial:
+                target.append((COMMAND, self.db, args))
+            else:
+                for db, cmd in flt.apply(self.db, args):
+                    target.append((COMMAND, db, cmd))
+            nbytes += size
+            if in_multi is None and (len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES):
+                await self._emit(out, entries, nbytes)
+                entries, nbytes, dirty = [], 0, False
+
+    async def _emit(self, out: "asyncio.Queue[Batch | None]", entries: list[Entry],
+                    nbytes: int) -> None:
+        pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db)
+        self.pending.append((self.offset, time.monotonic()))
+        await out.put(Batch(entries, pos, nbytes, 0))
+
+    def _script(self, args: list[bytes]) -> list[bytes] | None:
+        """Remember script bodies so a verbatim EVALSHA can be sent as EVAL."""
+        name = args[0].lower()
+        if name == b"eval" and len(args) > 1:
+            self.scripts[hashlib.sha1(args[1]).hexdigest().encode()] = args[1]
+        elif name == b"script" and len(args) > 2 and args[1].lower() == b"load":
+            self.scripts[hashlib.sha1(args[2]).hexdigest().encode()] = args[2]
+        elif name == b"evalsha" and len(args) > 1:
+            body = self.scripts.get(args[1].lower())
+            if body is not None:
+                return [b"EVAL", body, *args[2:]]
+        return args
+
+    def acked(self, pos: StreamPos) -> None:
+        """The target holds everything up to ``pos``: update ACKs and the measured lag."""
+        self.applied = pos.offset
+        now = time.monotonic()
+        oldest = None
+        while self.pending and self.pending[0][0] <= pos.offset:
+            oldest = self.pending.pop(0)
+        if oldest is not None:
+            self.progress.lag_ms = (now - oldest[1]) * 1000
+        if not self.pending:
+            self.progress.lag_ms = 0.0 if oldest is None else self.progress.lag_ms
+
+
+def parser_pending(parser: hiredis.Reader) -> int:
+    """Bytes buffered in the parser but not yet returned (unknown to hiredis: report 0)."""
+    return 0

@@ -1,0 +1,154 @@
+"""Incremental CDC through the psync reader, end to end against real servers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from .compare import assert_same, wait_same
+from .daemon import Daemon
+from .load import Load
+from .servers import RedisServer, wait_for
+
+DBS = (0, 1, 2)
+
+
+def spec(src: RedisServer, dst: RedisServer, **kw: Any) -> dict[str, Any]:
+    out = {"source": {"addrs": src.addr}, "target": {"addrs": dst.addr},
+           "migration_method": "incremental_migration", "reader": "psync"}
+    out.update(kw)
+    return out
+
+
+def stats(server: RedisServer) -> dict[str, int]:
+    info = server.client().info("stats")
+    return {k: int(info[k]) for k in ("sync_full", "sync_partial_ok", "sync_partial_err")}
+
+
+def converge(src: RedisServer, dst: RedisServer, daemon: Daemon, task_id: str,
+             timeout: float = 60) -> None:
+    """Wait until the task applied everything the source has, then compare every db."""
+    def caught_up() -> bool:
+        inc = daemon.task(task_id)["progress"].get("incremental") or {}
+        off = int(src.client().info("replication")["master_repl_offset"])
+        return bool(inc.get("applied_offset", -1) >= off - 200 and inc.get("lag_bytes", 1) < 200)
+    wait_for(caught_up, timeout, 0.1, what="applied offset reaching the source's")
+    for db in DBS:
+        wait_same(src.client(db), dst.client(db), timeout=timeout,
+                  ignore=[b"cdcd:checkpoint:" + task_id.encode()])
+
+
+@pytest.mark.parametrize("flavour", ["redis7", "redis6", "valkey8"])
+def test_incremental_converges_under_mixed_load(servers: Any, daemon: Daemon,
+                                                flavour: str) -> None:
+    src, dst = servers(flavour), servers(flavour)
+    src.client().set("before", "snapshot", ex=3600)
+    src.client(1).rpush("before:list", *range(1000))
+    daemon.ok("create", spec(src, dst, task_id="inc"))
+    with Load(src.client, dbs=DBS, max_ops=500_000) as load:
+        daemon.wait_state("inc", "Running")
+        wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 30, what="stream phase")
+        start = load.ops
+        wait_for(lambda: load.ops > start + 3000, 30, what="load during the stream phase")
+    converge(src, dst, daemon, "inc")
+    view = daemon.task("inc")
+    inc = view["progress"]["incremental"]
+    assert inc["ops_applied"] > 0
+    assert inc["lag_ms"] is not None and inc["lag_ms"] >= 0
+    assert view["progress"]["snapshot"]["percent"] == 100.0
+
+
+def test_sigkill_under_load_resumes_partially_without_duplicates(servers: Any,
+                                                                 daemon_factory: Any) -> None:
+    # The counter load writes megabytes per second: give the backlog room for the restarts.
+    src, dst = servers(args=["--repl-backlog-size", "256mb"]), servers()
+    daemon = daemon_factory()
+    daemon.ok("create", spec(src, dst, task_id="k"))
+    wait_for(lambda: daemon.task("k")["phase"] == "incremental", 30, what="stream phase")
+    before = stats(src)
+    with Load(src.client, dbs=(0,), kinds="counters", max_ops=2_000_000):
+        for _ in range(3):
+            wait_for(lambda: daemon.task("k")["progress"]["incremental"]["ops_applied"] > 0, 30)
+            time.sleep(0.7)
+            daemon.kill()
+            time.sleep(0.3)
+            daemon.start()
+            daemon.wait_state("k", "Running")
+    converge(src, dst, daemon, "k")
+    after = stats(src)
+    assert after["sync_full"] == before["sync_full"], (before, after)
+    assert after["sync_partial_ok"] >= before["sync_partial_ok"] + 3, (before, after)
+    s, d = src.client(), dst.client()
+    for i in range(50):
+        assert s.get(f"counter:{i}") == d.get(f"counter:{i}"), i
+
+
+def test_pause_write_resume_is_partial_and_exact(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="p"))
+    wait_for(lambda: daemon.task("p")["phase"] == "incremental", 30, what="stream phase")
+    src.client().set("a", 1)
+    converge(src, dst, daemon, "p")
+    assert daemon.ok("pause", {"task_id": "p"})["state"] == "Paused"
+    before = stats(src)
+    for i in range(500):
+        src.client().incr("paused:counter")
+        src.client(2).hset("paused:h", str(i), i)
+    assert dst.client().get("paused:counter") is None
+    daemon.restart()
+    assert daemon.task("p")["state"] == "Paused"
+    assert daemon.ok("resume", {"task_id": "p"})["state"] == "Running"
+    converge(src, dst, daemon, "p")
+    after = stats(src)
+    assert after["sync_full"] == before["sync_full"]
+    assert after["sync_partial_ok"] == before["sync_partial_ok"] + 1
+    assert dst.client().get("paused:counter") == b"500"
+
+
+def test_client_kill_replica_repeatedly_stays_exact(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="ck"))
+    wait_for(lambda: daemon.task("ck")["phase"] == "incremental", 30, what="stream phase")
+    with Load(src.client, dbs=DBS, max_ops=500_000):
+        for _ in range(5):
+            time.sleep(0.4)
+            src.client().client_kill_filter(_type="replica")
+    converge(src, dst, daemon, "ck")
+    view = daemon.task("ck")
+    assert view["progress"]["retries"] >= 1
+    assert view["state"] == "Running"
+
+
+def test_backlog_overrun_triggers_reported_full_resync(servers: Any, daemon: Daemon) -> None:
+    src = servers(args=["--repl-backlog-size", "16kb"])
+    dst = servers()
+    daemon.ok("create", spec(src, dst, task_id="b"))
+    wait_for(lambda: daemon.task("b")["phase"] == "incremental", 30, what="stream phase")
+    daemon.ok("pause", {"task_id": "b"})
+    c = src.client()
+    for i in range(2000):
+        c.set(f"gap:{i}", "x" * 50)
+    c.delete("gap:0")
+    daemon.ok("resume", {"task_id": "b"})
+    converge(src, dst, daemon, "b")
+    view = daemon.task("b")
+    assert view["progress"]["full_resyncs"] == 1
+    assert "full resync" in view["reason"]
+
+
+def test_manual_mode_fails_then_resumes_from_checkpoint(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="m", resume_mode="manual"))
+    wait_for(lambda: daemon.task("m")["phase"] == "incremental", 30, what="stream phase")
+    src.client().set("x", 1)
+    converge(src, dst, daemon, "m")
+    before = stats(src)
+    src.client().client_kill_filter(_type="replica")
+    failed = daemon.wait_state("m", "Failed")
+    assert "source" in failed["reason"]
+    src.client().set("y", 2)
+    daemon.ok("resume", {"task_id": "m"})
+    converge(src, dst, daemon, "m")
+    assert stats(src)["sync_full"] == before["sync_full"]
