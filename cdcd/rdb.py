@@ -17,6 +17,11 @@ Formats handled (see redis src/rdb.h and valkey src/rdb.h):
   with version 12, value types 22-25 are Redis 7.4 hashes with field TTLs.
 * ``VALKEY080``/``VALKEY081`` (Valkey 9.x); there type 22 is Valkey's hash with field
   expiries and opcode 243 is SLOT_IMPORT.
+
+Anything else raises RdbError naming the byte offset: other versions (Redis 8.2+ and its
+new types and opcodes), module type 6 (cannot be delimited), the pre-GA FUNCTION opcode
+246, Valkey's path hash (type 23) and forkless-save UPDATE opcode (242), unknown bytes.
+Module type 7 values and MODULE_AUX data are carried as opaque bytes.
 """
 
 from __future__ import annotations

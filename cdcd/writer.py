@@ -23,6 +23,15 @@ log = logging.getLogger("cdcd.writer")
 
 AckFn = Callable[[Batch], Awaitable[None]]
 
+# One %-format per key is the cheapest way to build a RESTORE in Python.
+RESTORE_REPLACE = (b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                   b"$7\r\nREPLACE\r\n$6\r\nABSTTL\r\n")
+RESTORE_KEEP = (b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+                b"$6\r\nABSTTL\r\n")
+INLINE_PAYLOAD = 64 * 1024
+MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
 
 class Writer:
     """Write to one standalone target over one connection."""
@@ -64,36 +73,45 @@ class Writer:
     async def send(self, batch: Batch) -> None:
         parts: list[bytes] = []
         n = 0
-        nbytes = 0
         selects: list[int] = []
-        restore_tail = [b"REPLACE", b"ABSTTL"] if self.replace else [b"ABSTTL"]
+        restore = RESTORE_REPLACE if self.replace else RESTORE_KEEP
         mark = self.marker(batch.checkpoint) if self.marker is not None else None
         if mark is not None:
-            nbytes += encode_into(parts, [b"MULTI"])
+            parts.append(MULTI)
+        db_map = self.db_map
+        append = parts.append
         for entry in batch.entries:
-            db = self.db_map(entry[1])
+            db = db_map(entry[1])
             if db != self.db:
-                nbytes += encode_into(parts, [b"SELECT", str(db).encode()])
+                encode_into(parts, [b"SELECT", str(db).encode()])
                 selects.append(n)
                 n += 1
                 self.db = db
             if entry[0] == RESTORE:
-                nbytes += encode_into(parts, [b"RESTORE", entry[2], b"%d" % entry[3], entry[4],
-                                              *restore_tail])
+                key, payload = entry[2], entry[4]
+                ttl = b"%d" % entry[3]
+                if len(payload) < INLINE_PAYLOAD:
+                    append(restore % (len(key), key, len(ttl), ttl, len(payload), payload))
+                else:   # do not copy a big payload into a new buffer
+                    encode_into(parts, [b"RESTORE", key, ttl, payload,
+                                        *([b"REPLACE", b"ABSTTL"] if self.replace
+                                          else [b"ABSTTL"])])
             else:
-                nbytes += encode_into(parts, entry[2])
+                encode_into(parts, entry[2])
             n += 1
         if mark is not None:
             if self.db != 0:
-                nbytes += encode_into(parts, [b"SELECT", b"0"])
+                encode_into(parts, [b"SELECT", b"0"])
                 selects.append(n)
                 n += 1
                 self.db = 0
-            nbytes += encode_into(parts, mark)
-            nbytes += encode_into(parts, [b"EXEC"])
+            encode_into(parts, mark)
+            parts.append(EXEC)
+        data = b"".join(parts) if len(parts) > 1 else parts[0] if parts else b""
+        nbytes = len(data)
         if self.limiter is not None:
             await self.limiter.take(nbytes)
-        self.conn.send(parts)
+        self.conn.send(data)
         await self.conn.drain()
         self.progress.bytes_written += nbytes
         self.inflight.append((batch, n, selects, mark is not None))

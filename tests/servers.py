@@ -89,6 +89,8 @@ class RedisServer:
                "--logfile", str(self.dir / "server.log"), "--protected-mode", "no"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.flavour != "redis6":   # 7.0+ refuse DEBUG (POPULATE, ...) unless enabled
+            cmd += ["--enable-debug-command", "yes"]
         cmd += self.extra
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
