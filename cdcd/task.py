@@ -14,7 +14,7 @@ from .entry import Batch
 from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
-from .readers.psync import PsyncReader, PsyncRefused, StreamPos
+from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.scan import ScanSnapshot
 from .resp import Connection, keyspace, parse_info
 from .spec import TaskSpec
@@ -277,9 +277,18 @@ class Task:
         def on_stream() -> None:
             self.set_phase("incremental")
 
+        rdb_applied = asyncio.Event()
+
+        async def after_rdb(seen: set[int] | None) -> None:
+            await rdb_applied.wait()
+            if seen is not None:
+                removed = await remove_stale_keys(spec, seen, self.marker_key)
+                log.info("task %s: resync removed %d target keys the source no longer has",
+                         spec.task_id, removed)
+
         reader = PsyncReader(spec, self.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, on_full_sync=on_full_sync,
-                             on_stream=on_stream)
+                             on_stream=on_stream, after_rdb=after_rdb)
         writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
                         db_map=spec.target_db, limiter=self._limiter(),
                         marker=self._marker if spec.incremental else None)
@@ -287,6 +296,7 @@ class Task:
         async def ack(batch: Batch) -> None:
             pos = batch.checkpoint
             if isinstance(pos, StreamPos):
+                rdb_applied.set()
                 reader.acked(pos)
                 self.progress.applied_offset = pos.offset
                 self.progress.source_offset = max(self.progress.source_offset, pos.offset)
@@ -349,6 +359,37 @@ class Task:
             if self._dirty:
                 self.progress.last_checkpoint_at = now_iso()
                 await self.persist()
+
+
+async def remove_stale_keys(spec: TaskSpec, seen: set[int], marker: bytes) -> int:
+    """Delete target keys of the task's dbs and filter that a resync RDB no longer holds.
+
+    A full resync re-copies every key but cannot see deletions that happened while the
+    link was down; without this the target would keep them.
+    """
+    flt = spec.filter
+    candidates = set(flt.dbs) if flt.dbs is not None else set(range(16)) | set(spec.db_mapping)
+    conn = await Connection.open_endpoint(spec.target, role="target")
+    removed = 0
+    try:
+        held = keyspace(parse_info(await conn.call("INFO", "keyspace")))
+        for tdb in sorted(held):
+            sources = [d for d in candidates if spec.target_db(d) == tdb]
+            if not sources:
+                continue
+            await conn.select(tdb)
+            cursor = b"0"
+            while True:
+                cursor, keys = await conn.call("SCAN", cursor, "COUNT", 1000)
+                stale = [k for k in keys if flt.key_ok(k) and k != marker and
+                         not any(key_hash(d, k) in seen for d in sources)]
+                if stale:
+                    removed += await conn.call("UNLINK", *stale)
+                if cursor == b"0":
+                    break
+    finally:
+        conn.close()
+    return removed
 
 
 async def run_pipeline(*parts: Awaitable[None]) -> None:

@@ -126,16 +126,20 @@ def test_backlog_overrun_triggers_reported_full_resync(servers: Any, daemon: Dae
     dst = servers()
     daemon.ok("create", spec(src, dst, task_id="b"))
     wait_for(lambda: daemon.task("b")["phase"] == "incremental", 30, what="stream phase")
-    daemon.ok("pause", {"task_id": "b"})
     c = src.client()
+    for i in range(50):
+        c.set(f"old:{i}", i)
+    converge(src, dst, daemon, "b")
+    daemon.ok("pause", {"task_id": "b"})
     for i in range(2000):
         c.set(f"gap:{i}", "x" * 50)
-    c.delete("gap:0")
+    c.delete("gap:0", *[f"old:{i}" for i in range(25)])   # deletions the resync cannot see
     daemon.ok("resume", {"task_id": "b"})
     converge(src, dst, daemon, "b")
     view = daemon.task("b")
     assert view["progress"]["full_resyncs"] == 1
     assert "full resync" in view["reason"]
+    assert dst.client().exists(*[f"old:{i}" for i in range(25)]) == 0
 
 
 def test_manual_mode_fails_then_resumes_from_checkpoint(servers: Any, daemon: Daemon) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,9 @@ class PsyncReader:
     def __init__(self, spec: TaskSpec, progress: Progress, *, resume: StreamPos | None,
                  host: str, port: int, rdb_only: bool = False,
                  on_full_sync: Callable[[str, int], None] = lambda r, o: None,
-                 on_stream: Callable[[], None] = lambda: None) -> None:
+                 on_stream: Callable[[], None] = lambda: None,
+                 after_rdb: Callable[[set[int] | None], Awaitable[None]] | None = None,
+                 ) -> None:
         self.spec = spec
         self.progress = progress
         self.resume = resume
@@ -84,6 +86,10 @@ class PsyncReader:
         self.rdb_only = rdb_only
         self.on_full_sync = on_full_sync
         self.on_stream = on_stream
+        # Called once the RDB is queued, before the stream: with the hashes of the keys
+        # the RDB held when the task had copied data before (a resync), else None.
+        self.after_rdb = after_rdb
+        self.resyncing = False
         self.name = f"source {host}:{port}"
         self.replid = ""
         self.offset = 0           # offset of the last byte consumed from the stream
@@ -140,6 +146,7 @@ class PsyncReader:
                 raise EndpointError(f"{self.name}: malformed reply {line[:100]!r}")
             self.replid, self.offset = parts[1].decode(), int(parts[2])
             self.db = 0
+            self.resyncing = self.resume is not None
             log.info("%s: full resync from %s offset %d", self.name, self.replid, self.offset)
             self.on_full_sync(self.replid, self.offset)
             return True
@@ -207,6 +214,7 @@ class PsyncReader:
             remaining = int(header[1:])
         entries: list[Entry] = []
         nbytes = 0
+        seen: set[int] | None = set() if self.resyncing else None
         try:
             while not splitter.done:
                 data = await self._read(conn)
@@ -217,6 +225,8 @@ class PsyncReader:
                     remaining -= len(data)
                 for rec in splitter.feed(data):
                     if rec.__class__ is KeyRecord:
+                        if seen is not None:
+                            seen.add(key_hash(rec.db, rec.key))  # type: ignore[union-attr]
                         entries.append((RESTORE, rec.db, rec.key,  # type: ignore[union-attr]
                                         max(rec.expire_ms, 0), rec.payload))  # type: ignore[union-attr]
                         nbytes += len(rec.payload)  # type: ignore[union-attr]
@@ -240,6 +250,8 @@ class PsyncReader:
         self.progress.keys_total = max(self.progress.keys_total, splitter.keys_seen)
         pos = StreamPos(replid=self.replid, offset=self.offset, db=0)
         await out.put(Batch(entries, pos, nbytes, len(entries)))
+        if self.after_rdb is not None:
+            await self.after_rdb(seen)
 
     # --- the command stream -----------------------------------------------------------------
 
@@ -337,6 +349,11 @@ class PsyncReader:
             self.progress.lag_ms = (now - oldest[1]) * 1000
         if not self.pending:
             self.progress.lag_ms = 0.0 if oldest is None else self.progress.lag_ms
+
+
+def key_hash(db: int, key: bytes) -> int:
+    """A compact stand-in for (db, key) in the set of keys a resync RDB holds."""
+    return hash((db, key))
 
 
 def parser_pending(parser: hiredis.Reader) -> int:
