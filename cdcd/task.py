@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -15,6 +16,7 @@ from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, Mig
 from .progress import Progress
 from .ratelimit import TokenBucket
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
+from .readers.notify import NotificationFeed
 from .readers.scan import ScanSnapshot
 from .resp import Connection, keyspace, parse_info
 from .spec import TaskSpec
@@ -210,17 +212,14 @@ class Task:
                                 spec.task_id, exc.message)
                     self.progress.reader = reader = "scan"
                     self.fallback = f"reader auto fell back to scan: {exc.message}"
-            if reader == "scan":
-                if not self.progress.snapshot_done:
-                    self.set_phase("snapshot")
-                    self.reason = self.fallback
-                    await self.persist()
-                    await self._scan_snapshot(source, target)
-                if spec.incremental:
-                    raise FatalTaskError(
-                        "incremental_migration needs the psync reader; the scan reader's "
-                        "keyspace-notification feed is not implemented")
-            self.set_state(State.SUCCEEDED, phase="done")
+            if reader == "scan" and spec.incremental:
+                await self._scan_incremental(source, target)
+            elif reader == "scan" and not self.progress.snapshot_done:
+                self.set_phase("snapshot")
+                self.reason = self.fallback
+                await self.persist()
+                await self._scan_snapshot(source, target)
+            self.set_state(State.SUCCEEDED, phase="done", reason=self.fallback)
             await self.persist()
         finally:
             source.close()
@@ -346,6 +345,47 @@ class Task:
         self.progress.snapshot_done = True
         self.checkpoint["snapshot"] = {"done": True}
         await self.persist()
+
+    async def _scan_incremental(self, source: Connection, target: Connection) -> None:
+        """SCAN snapshot, then follow keyspace notifications (best effort, never ends).
+
+        Notifications sent while disconnected are lost, so every (re)start redoes the
+        snapshot from the beginning.
+        """
+        spec = self.spec
+        p = self.progress
+        p.keys_done = p.keys_total = p.snapshot_bytes = p.keys_skipped = 0
+        p.snapshot_done = False
+        self.checkpoint.pop("snapshot", None)
+        self.set_phase("snapshot")
+        self.reason = (self.fallback + "; " if self.fallback else "") + \
+            "incremental changes come from keyspace notifications (best effort)"
+        await self.persist()
+        feed = NotificationFeed(spec, p)
+        await feed.subscribe()
+        queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+        writer = Writer(target, progress=p, replace=spec.existing_keys != "skip",
+                        db_map=spec.target_db, limiter=self._limiter())
+        scan = ScanSnapshot(source, spec, p, None)
+
+        async def produce() -> None:
+            await scan.run(queue, end=False)
+            p.snapshot_done = True
+            self.set_phase("incremental")
+            feed.snapshot_done.set()
+            await feed.run(queue)
+
+        async def ack(batch: Batch) -> None:
+            mark = batch.checkpoint
+            if isinstance(mark, tuple) and mark[0] == "notify":
+                p.lag_ms = (time.monotonic() - mark[1]) * 1000
+
+        try:
+            await run_pipeline(produce(), writer.run(queue, ack), feed.listen(),
+                               self._checkpointer())
+        finally:
+            if feed.sub is not None:
+                feed.sub.close()
 
     async def _ack_snapshot(self, batch: Batch) -> None:
         self.checkpoint["snapshot"] = batch.checkpoint

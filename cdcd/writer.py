@@ -128,12 +128,15 @@ class Writer:
                 self._check(batch, replies, selects)
                 break
         p = self.progress
-        for entry in batch.entries:
-            if entry[0] == RESTORE:
-                p.keys_done += 1
-                p.snapshot_bytes += len(entry[4])
-            else:
-                p.ops_applied += 1
+        if p.snapshot_done:
+            p.ops_applied += len(batch.entries)
+        else:
+            for entry in batch.entries:
+                if entry[0] == RESTORE:
+                    p.keys_done += 1
+                    p.snapshot_bytes += len(entry[4])
+                else:
+                    p.ops_applied += 1
         return batch
 
     async def _exec_replies(self, batch: Batch, n: int, selects: list[int]) -> list[Any]:

@@ -156,3 +156,46 @@ def test_manual_mode_fails_then_resumes_from_checkpoint(servers: Any, daemon: Da
     daemon.ok("resume", {"task_id": "m"})
     converge(src, dst, daemon, "m")
     assert stats(src)["sync_full"] == before["sync_full"]
+
+
+def test_scan_reader_follows_keyspace_notifications(servers: Any, daemon: Daemon) -> None:
+    src = servers(args=["--notify-keyspace-events", "KA"])
+    dst = servers()
+    src.client().set("before", 1)
+    daemon.ok("create", spec(src, dst, task_id="n", reader="scan"))
+    wait_for(lambda: daemon.task("n")["phase"] == "incremental", 30, what="stream phase")
+    c = src.client()
+    c.set("after", 2, px=600_000)
+    c.hset("h", mapping={"a": 1, "b": 2})
+    c.delete("before")
+    c.rpush("l", *range(100))
+    src.client(1).incr("counter")
+    for db in DBS:
+        wait_same(src.client(db), dst.client(db), timeout=30)
+    view = daemon.task("n")
+    assert view["state"] == "Running"
+    assert "best effort" in view["reason"]
+    assert view["progress"]["reader"] == "scan"
+
+
+def test_scan_reader_without_notifications_fails_clearly(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="nn", reader="scan"))
+    failed = daemon.wait_state("nn", "Failed")
+    assert "notify-keyspace-events" in failed["reason"]
+
+
+def test_auto_reader_falls_back_to_scan_when_psync_is_refused(servers: Any,
+                                                              daemon: Daemon) -> None:
+    src = servers(password="pw")
+    src.client().execute_command("ACL", "SETUSER", "nopsync", "on", ">pw2", "~*", "&*", "+@all",
+                                 "-psync", "-sync")
+    dst = servers()
+    src.client().set("k", "v")
+    daemon.ok("create", {"task_id": "fb", "source": {"addrs": src.addr, "username": "nopsync",
+                                                     "password": "pw2"},
+                         "target": {"addrs": dst.addr}})
+    view = daemon.wait_state("fb", "Succeeded")
+    assert view["progress"]["reader"] == "scan"
+    assert "fell back to scan" in view["reason"]
+    assert dst.client().get("k") == b"v"

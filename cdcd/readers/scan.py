@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ..entry import RESTORE, Batch, Entry
-from ..errors import EndpointError
+from ..errors import EndpointError, FatalTaskError, MigrationError
 from ..progress import Progress
 from ..resp import Connection, ReplyError, keyspace, parse_info
 from ..spec import TaskSpec
@@ -23,6 +23,18 @@ log = logging.getLogger("cdcd.reader.scan")
 
 SCAN_COUNT = 512
 _GLOB = re.compile(rb"([*?\[\]\\])")
+
+
+# Error replies that go away by themselves; any other (NOPERM, ERR ...) needs the operator.
+TRANSIENT = ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def refused(conn: Connection, command: str, reply: Any) -> MigrationError:
+    """Turn a source's error reply into the task error it means."""
+    message = f"{conn.name}: {command} failed: {reply}"
+    if str(reply).startswith(TRANSIENT):
+        return EndpointError(message)
+    return FatalTaskError(message)
 
 
 def match_pattern(spec: TaskSpec) -> bytes | None:
@@ -47,7 +59,9 @@ class ScanSnapshot:
         self.ckpt = checkpoint or {}
         self.count = count
 
-    async def run(self, out: "asyncio.Queue[Batch | None]") -> None:
+    async def run(self, out: "asyncio.Queue[Batch | None]", *, end: bool = True) -> None:
+        """Queue every selected key; then a None that ends the writer, unless ``end`` is
+        False (a feed of later changes follows on the same queue)."""
         dbs = await source_dbs(self.conn, self.spec)
         done: list[int] = list(self.ckpt.get("dbs_done", []))
         if not self.progress.keys_total:
@@ -58,7 +72,8 @@ class ScanSnapshot:
             cursor = int(self.ckpt.get("cursor", 0)) if self.ckpt.get("db") == db else 0
             await self._scan_db(db, cursor, done, out)
             done.append(db)
-        await out.put(None)
+        if end:
+            await out.put(None)
 
     async def _scan_db(self, db: int, cursor: int, done: list[int],
                        out: "asyncio.Queue[Batch | None]") -> None:
@@ -70,7 +85,9 @@ class ScanSnapshot:
         if pattern is not None:
             scan += [b"MATCH", pattern]
         scan[1] = str(cursor).encode()
-        reply = await conn.call(*scan)
+        reply = (await conn.pipeline([scan]))[0]
+        if reply.__class__ is ReplyError:
+            raise refused(conn, "SCAN", reply)
         while True:
             next_cursor, keys = int(reply[0]), reply[1]
             if flt.by_key:
@@ -88,9 +105,11 @@ class ScanSnapshot:
             nbytes = 0
             for i, k in enumerate(keys):
                 payload, ttl = replies[2 * i], replies[2 * i + 1]
-                if payload is None or payload.__class__ is ReplyError or ttl == -2:
-                    if payload.__class__ is ReplyError:
-                        raise EndpointError(f"{conn.name}: DUMP failed: {payload}")
+                if payload.__class__ is ReplyError:
+                    raise refused(conn, "DUMP", payload)
+                if ttl.__class__ is ReplyError:
+                    raise refused(conn, "PTTL", ttl)
+                if payload is None or ttl == -2:
                     continue  # expired or deleted since SCAN saw it
                 entries.append((RESTORE, db, k, now_ms + ttl if ttl >= 0 else 0, payload))
                 nbytes += len(payload)
@@ -101,4 +120,4 @@ class ScanSnapshot:
                 return
             reply = replies[-1]
             if reply.__class__ is ReplyError:
-                raise EndpointError(f"{conn.name}: SCAN failed: {reply}")
+                raise refused(conn, "SCAN", reply)
