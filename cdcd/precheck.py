@@ -1,0 +1,696 @@
+"""Check that a task can run before it starts: reachability, versions, permissions, room.
+
+``run_prechecks`` opens one connection per side, reads INFO (and CONFIG GET where the user
+may), and runs every check concurrently; the only deliberate wait is the ~1 s sample of the
+source's write rate for incremental tasks. A check never raises: an unexpected reply or a
+refused command becomes a ``warning`` or ``error`` with the reason. Nothing is written to
+either server. Probing PSYNC permission on a Redis < 7.0 source queues ``PSYNC`` inside a
+MULTI that is discarded (never executed); a refusal leaves an entry in its ACL LOG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import hiredis
+
+from .errors import CdcdError
+from .resp import Arg, Connection, ReplyError, keyspace, parse_info
+from .spec import Endpoint, TaskSpec
+
+log = logging.getLogger("cdcd.precheck")
+
+Status = Literal["ok", "warning", "error"]
+_RANK: dict[str, int] = {"ok": 0, "warning": 1, "error": 2}
+
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 5.0
+BACKLOG_SAMPLE_S = 1.0
+BACKLOG_MIN_SECONDS = 60       # warn when the backlog holds fewer seconds of writes
+BACKLOG_ADVISE_SECONDS = 300   # suggest a backlog holding this many seconds
+MEMORY_MARGIN = 0.10           # warn when the copy would leave less than this headroom
+PREFIX_SCAN_LIMIT = 100_000    # count prefix-filtered target keys only in dbs this small
+MIB = 1 << 20
+
+# Configs read with CONFIG GET when the user may; INFO covers the rest.
+_CONFIGS = ("rdb-version-check", "min-replicas-to-write", "stop-writes-on-bgsave-error",
+            "repl-backlog-size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Check:
+    """One precheck result; ``status`` is ok, warning (the task can run) or error."""
+
+    name: str
+    status: Status
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "status": self.status, "message": self.message}
+
+
+def worst(checks: Sequence[Check]) -> Status:
+    """Return the most severe status among ``checks`` (ok when empty)."""
+    status: Status = "ok"
+    for c in checks:
+        if _RANK[c.status] > _RANK[status]:
+            status = c.status
+    return status
+
+
+def failed(checks: Sequence[Check]) -> bool:
+    """Say whether any check is an error (the task must not start)."""
+    return any(c.status == "error" for c in checks)
+
+
+# --- versions -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class ServerVersion:
+    """What a server is: product, version and the RDB (DUMP payload) version it writes."""
+
+    product: str                  # "redis" or "valkey"
+    version: tuple[int, ...]
+    text: str
+    rdb: int | None
+
+    @property
+    def label(self) -> str:
+        name = "Valkey" if self.product == "valkey" else "Redis"
+        rdb = f"RDB {self.rdb}" if self.rdb is not None else "RDB version unknown"
+        return f"{name} {self.text} ({rdb})"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """Turn '7.2.4' (or '7.2.4-rc1') into (7, 2, 4); non-numeric parts end the tuple."""
+    out: list[int] = []
+    for part in text.split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(digits) != len(part):
+            break
+    return tuple(out)
+
+
+def rdb_version(product: str, version: tuple[int, ...]) -> int | None:
+    """Return the RDB version a server writes in DUMP payloads, or None when unknown.
+
+    Redis 5.0-6.2 = 9, 7.0 = 10, 7.2 = 11, 7.4-8.4 = 12, 8.6+ = 13;
+    Valkey 7.2-8.x = 11, 9+ = 80.
+    """
+    if not version:
+        return None
+    if product == "valkey":
+        return 80 if version >= (9,) else 11
+    for floor, rdb in (((8, 6), 13), ((7, 4), 12), ((7, 2), 11), ((7, 0), 10), ((5, 0), 9),
+                       ((4, 0), 8), ((3, 2), 7), ((2, 6), 6)):
+        if version >= floor:
+            return rdb
+    return None
+
+
+def server_version(info: dict[str, str]) -> ServerVersion:
+    """Read the product and version from a parsed INFO server section."""
+    if info.get("server_name", "").lower() == "valkey" or "valkey_version" in info:
+        text = info.get("valkey_version") or info.get("redis_version", "")
+        product = "valkey"
+    else:
+        text = info.get("redis_version", "")
+        product = "redis"
+    version = parse_version(text)
+    return ServerVersion(product=product, version=version, text=text or "?",
+                         rdb=rdb_version(product, version))
+
+
+def accepts_dump(target: ServerVersion, source_rdb: int) -> bool:
+    """Say whether ``target``'s RESTORE accepts payloads of ``source_rdb`` in strict mode.
+
+    A server refuses versions above its own; Valkey also refuses the range 12-79 that
+    Redis 7.4+ uses ("foreign" versions) unless ``rdb-version-check relaxed``.
+    """
+    if target.rdb is None:
+        return False
+    if target.product == "valkey" and 12 <= source_rdb <= 79:
+        return False
+    return source_rdb <= target.rdb
+
+
+def dump_compatibility(source: ServerVersion, target: ServerVersion,
+                       rdb_version_check: str | None = None) -> Check:
+    """Say whether the target's RESTORE will accept the source's DUMP payloads."""
+    name = "dump_compatibility"
+    if source.rdb is None or target.rdb is None:
+        return Check(name=name, status="warning",
+                     message=f"cannot tell whether target {target.label} accepts DUMP payloads "
+                             f"from source {source.label}: unknown RDB version")
+    if accepts_dump(target, source.rdb):
+        return Check(name=name, status="ok",
+                     message=f"target {target.label} accepts DUMP payloads from source "
+                             f"{source.label}")
+    if (target.product == "valkey" and target.version >= (8, 1)
+            and (rdb_version_check or "").lower() == "relaxed"):
+        return Check(name=name, status="error",
+                     message=f"target {target.label} has rdb-version-check relaxed and may load "
+                             f"RDB {source.rdb} payloads from source {source.label}, but "
+                             f"downgrade not supported yet")
+    return Check(name=name, status="error",
+                 message=f"target {target.label} refuses DUMP payloads from source "
+                         f"{source.label} (RESTORE: 'DUMP payload version or checksum are "
+                         f"wrong'); downgrade not supported yet: use a target at least as new "
+                         f"as the source")
+
+
+# --- one side -------------------------------------------------------------------------------
+
+class _Side:
+    """One endpoint under test: its connection, INFO and readable configs.
+
+    A lock serialises commands on the shared connection; a timeout marks the connection
+    broken (replies would no longer line up), so later commands fail fast.
+    """
+
+    def __init__(self, role: str, ep: Endpoint, command_timeout: float) -> None:
+        self.role = role
+        self.ep = ep
+        self.timeout = command_timeout
+        self.host, self.port = ep.addrs[0]
+        self.conn: Connection | None = None
+        self.lock = asyncio.Lock()
+        self.broken = ""
+        self.connect_error = ""
+        self.user = ep.username or "default"
+        self.info: dict[str, str] = {}
+        self.info_error = ""
+        self.info_refusal = ""
+        self.hello: dict[str, str] = {}     # HELLO 2: server, version, mode, role
+        self.config: dict[str, str] = {}
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} {self.host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self.conn is not None
+
+    async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
+        """Run commands; error replies come back as ReplyError values."""
+        if self.conn is None:
+            raise CdcdError(f"{self.name}: not connected")
+        if self.broken:
+            raise CdcdError(self.broken)
+        async with self.lock:
+            try:
+                return await asyncio.wait_for(self.conn.pipeline(commands), self.timeout)
+            except TimeoutError:
+                first = " ".join(str(a) for a in commands[0][:2]) if commands else "?"
+                self.broken = f"{self.name}: no reply to {first} within {self.timeout:g}s"
+                raise CdcdError(self.broken) from None
+            except hiredis.ProtocolError as exc:
+                self.broken = f"{self.name}: does not speak the Redis protocol ({exc})"
+                raise CdcdError(self.broken) from None
+
+    async def connect(self, timeout: float) -> None:
+        """Open, authenticate and read INFO/CONFIG; record failures instead of raising."""
+        try:
+            self.conn = await Connection.open(self.host, self.port, role=self.role, ep=self.ep,
+                                              timeout=timeout)
+            replies = await self.pipeline([["PING"], ["INFO"], ["HELLO", "2"]]
+                                          + [["CONFIG", "GET", c] for c in _CONFIGS])
+            self._load(replies)
+        except CdcdError as exc:
+            self.connect_error = self._explain(exc)
+        except hiredis.ProtocolError as exc:   # raised by AUTH inside Connection.open
+            self.connect_error = f"{self.name}: does not speak the Redis protocol ({exc})"
+        except Exception as exc:  # an odd reply: report it, never crash the precheck
+            log.exception("precheck: %s: unexpected reply", self.name)
+            self.connect_error = f"{self.name}: unexpected reply: {type(exc).__name__}: {exc}"
+        if self.connect_error:
+            await self.close()
+
+    def _load(self, replies: list[Any]) -> None:
+        """Take PING, INFO, HELLO and CONFIG GET replies in."""
+        ping, info = replies[0], replies[1]
+        if isinstance(ping, ReplyError):
+            text = str(ping)
+            if text.startswith("NOAUTH"):
+                text += f"; set {self.role}.password"
+            self.connect_error = f"{self.name}: {text}"
+            return
+        if isinstance(info, ReplyError):
+            self.info_refusal = str(info)
+            self.info_error = f"{self.name}: INFO refused: {info}"
+        else:
+            self.info = parse_info(info)
+        hello = replies[2]
+        if isinstance(hello, list):     # HELLO works for any user on Redis 6+/Valkey
+            self.hello = {_text(k): _text(v) for k, v in zip(hello[0::2], hello[1::2])
+                          if not isinstance(v, list)}
+        for cfg, reply in zip(_CONFIGS, replies[3:]):
+            if isinstance(reply, list) and len(reply) >= 2:
+                self.config[cfg] = _text(reply[1])
+
+    def _explain(self, exc: CdcdError) -> str:
+        """Name the cause of a failed connect in words an operator recognises."""
+        cause = exc.__cause__
+        if isinstance(cause, ConnectionRefusedError):
+            return (f"{self.name}: cannot connect: connection refused (nothing listens on "
+                    f"port {self.port})")
+        if isinstance(cause, socket.gaierror):
+            return f"{self.name}: cannot resolve host {self.host!r}: {cause.strerror or cause}"
+        if isinstance(cause, OSError) and cause.errno and not cause.strerror:
+            return f"{self.name}: cannot connect: {os.strerror(cause.errno)}"
+        return exc.message
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await conn.aclose()
+
+    def need_info(self, *fields: str) -> list[str]:
+        """Return the INFO values, or raise with a readable reason when they are missing."""
+        if self.info_error:
+            raise CdcdError(self.info_error)
+        missing = [f for f in fields if f not in self.info]
+        if missing:
+            raise CdcdError(f"{self.name}: INFO lacks {', '.join(missing)}")
+        return [self.info[f] for f in fields]
+
+    def version(self) -> ServerVersion:
+        """Read the version from INFO, or from HELLO when INFO is refused."""
+        if not self.info_error:
+            return server_version(self.info)
+        if "version" in self.hello:
+            fake = {"redis_version": self.hello["version"]}
+            if self.hello.get("server") == "valkey":
+                fake.update(server_name="valkey", valkey_version=self.hello["version"])
+            return server_version(fake)
+        raise CdcdError(self.info_error)
+
+    def replication_role(self) -> str:
+        """Return 'master' or the replica role, from INFO or else HELLO."""
+        if not self.info_error:
+            return self.need_info("role")[0]
+        if "role" in self.hello:
+            return self.hello["role"]
+        raise CdcdError(self.info_error)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+CheckFn = Callable[[], Awaitable[Check]]
+
+
+async def _guard(name: str, fn: CheckFn) -> Check:
+    """Run one check; turn any failure (refused command, odd reply, bug) into a Check."""
+    try:
+        return await fn()
+    except CdcdError as exc:
+        return Check(name=name, status="error", message=exc.message)
+    except Exception as exc:  # a bug or a reply we did not foresee: report, do not crash
+        log.exception("precheck %s failed", name)
+        return Check(name=name, status="error",
+                     message=f"check failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _connection_check(side: _Side) -> Check:
+    name = f"{side.role}.connection"
+    if side.connect_error:
+        return Check(name=name, status="error", message=side.connect_error)
+    who = f"as user '{side.user}'" if side.ep.password or side.ep.username else "without AUTH"
+    extra = " (first of several addresses)" if len(side.ep.addrs) > 1 else ""
+    if side.info_error:
+        return Check(name=name, status="warning",
+                     message=f"{side.name} reachable {who}{extra}, but INFO is refused "
+                             f"({side.info_refusal}): checks that need it fail")
+    return Check(name=name, status="ok", message=f"{side.name} reachable {who}{extra}")
+
+
+async def _version_check(side: _Side) -> Check:
+    name = f"{side.role}.version"
+    v = side.version()
+    if v.rdb is None:
+        return Check(name=name, status="warning",
+                     message=f"{side.name} runs {v.label}: unknown version")
+    return Check(name=name, status="ok", message=f"{side.name} runs {v.label}")
+
+
+async def _dump_check(src: _Side, dst: _Side) -> Check:
+    return dump_compatibility(src.version(), dst.version(), dst.config.get("rdb-version-check"))
+
+
+def _dryrun_verdict(reply: Any) -> tuple[str, str]:
+    """Classify an ACL DRYRUN reply: ('allowed'|'refused'|'unknown', reason)."""
+    if isinstance(reply, ReplyError):
+        text = str(reply)
+        low = text.lower()
+        if "not found" in low and "command" in low:
+            return "refused", text          # renamed or disabled command
+        return "unknown", text              # no DRYRUN (< 7.0) or no right to run it
+    text = _text(reply)
+    if text == "OK":
+        return "allowed", ""
+    return "refused", text
+
+
+def _multi_verdict(replies: list[Any]) -> tuple[str, str]:
+    """Classify MULTI / PSYNC / DISCARD: PSYNC is ACL-checked when queued, never run."""
+    if len(replies) < 2 or isinstance(replies[0], ReplyError):
+        return "unknown", _text(replies[0]) if replies else "no reply"
+    queued = replies[1]
+    if not isinstance(queued, ReplyError):
+        return ("allowed", "") if _text(queued) == "QUEUED" else ("unknown", _text(queued))
+    text = str(queued)
+    low = text.lower()
+    if low.startswith("noperm") or "no permissions" in low or "unknown command" in low:
+        return "refused", text
+    return "unknown", text
+
+
+async def _psync_check(src: _Side, reader: str) -> Check:
+    """Ask whether the source lets our user run PSYNC (and REPLCONF) without running it.
+
+    Redis 7.0+/Valkey: ``ACL DRYRUN``. Older servers, or a user not allowed DRYRUN: queue
+    PSYNC in a MULTI and DISCARD it, since ACLs are checked at queue time on Redis < 7.0
+    (7.0+ rejects PSYNC inside MULTI before the ACL check: inconclusive there).
+    """
+    name = "source.psync"
+    user = src.user
+    replies = await src.pipeline([["ACL", "DRYRUN", user, "PSYNC", "?", "-1"],
+                                  ["ACL", "DRYRUN", user, "REPLCONF", "listening-port", "0"]])
+    verdicts = [_dryrun_verdict(r) for r in replies]
+    how = "ACL DRYRUN"
+    if any(v[0] == "unknown" for v in verdicts):
+        first_unknown = next(v[1] for v in verdicts if v[0] == "unknown")
+        verdict = _multi_verdict(await src.pipeline([["MULTI"], ["PSYNC", "?", "-1"],
+                                                     ["DISCARD"]]))
+        how = "PSYNC queued in a discarded MULTI"
+        if verdict[0] == "unknown":
+            verdict = ("unknown", f"ACL DRYRUN: {first_unknown}; MULTI probe: {verdict[1]}")
+    else:
+        verdict = next((v for v in verdicts if v[0] == "refused"), verdicts[0])
+    status, reason = verdict
+    if status == "allowed":
+        return Check(name=name, status="ok",
+                     message=f"{src.name} allows PSYNC for user '{user}' (checked with {how})")
+    if status == "unknown":
+        return Check(name=name, status="warning",
+                     message=f"cannot verify that {src.name} allows PSYNC for user '{user}' "
+                             f"({reason}); the task finds out when it starts"
+                             + ("; reader auto will fall back to scan" if reader == "auto"
+                                else ""))
+    if reader == "auto":
+        return Check(name=name, status="warning",
+                     message=f"{src.name} refuses PSYNC for user '{user}' ({reason}); "
+                             f"reader auto will fall back to scan")
+    return Check(name=name, status="error",
+                 message=f"{src.name} refuses PSYNC for user '{user}' ({reason}); grant "
+                         f"+psync +replconf to the user or set reader to scan")
+
+
+async def _writable_check(dst: _Side) -> Check:
+    """Require a master that accepts writes: not a replica, no unmet min-replicas, no
+    MISCONF, and (when ACL DRYRUN is allowed) a user that may RESTORE and DEL."""
+    name = "target.writable"
+    role = dst.replication_role()
+    if role != "master":
+        master = ""
+        if "master_host" in dst.info:
+            master = f" of {dst.info['master_host']}:{dst.info.get('master_port', '?')}"
+        ro = dst.info.get("slave_read_only", dst.info.get("replica_read_only"))
+        ro_text = "read-only " if ro == "1" else ""
+        return Check(name=name, status="error",
+                     message=f"{dst.name} is a {ro_text}replica{master} (role {role}): writes "
+                             f"would be refused or overwritten by its master; point the task at "
+                             f"a master")
+    problems: list[str] = []
+    min_replicas = _int(dst.config.get("min-replicas-to-write"))
+    if min_replicas > 0:
+        good = _int(dst.info.get("min_slaves_good_slaves"),
+                    _int(dst.info.get("connected_slaves")))
+        if good < min_replicas:
+            problems.append(f"min-replicas-to-write is {min_replicas} but only {good} "
+                            f"replicas are in sync (writes fail with NOREPLICAS)")
+    if (dst.info.get("rdb_last_bgsave_status") == "err"
+            and dst.config.get("stop-writes-on-bgsave-error", "yes") == "yes"):
+        problems.append("the last background save failed and stop-writes-on-bgsave-error is "
+                        "yes (writes fail with MISCONF)")
+    if problems:
+        return Check(name=name, status="error", message=f"{dst.name}: " + "; ".join(problems))
+    replies = await dst.pipeline([["ACL", "DRYRUN", dst.user, "RESTORE", "cdcd-precheck", "0",
+                                   "x", "REPLACE"],
+                                  ["ACL", "DRYRUN", dst.user, "DEL", "cdcd-precheck"]])
+    for reply in replies:
+        verdict, reason = _dryrun_verdict(reply)
+        if verdict == "refused":
+            low = reason.lower()
+            if "access" in low and "key" in low:
+                return Check(name=name, status="warning",
+                             message=f"{dst.name} is a writable master, but user '{dst.user}' "
+                                     f"may not write every key: {reason}")
+            return Check(name=name, status="error",
+                         message=f"{dst.name} is a master, but user '{dst.user}' may not "
+                                 f"write: {reason}")
+    return Check(name=name, status="ok", message=f"{dst.name} is a writable master")
+
+
+def _writes_db(spec: TaskSpec, db: int) -> bool:
+    """Say whether the task may write target db ``db`` (some selected source db maps there)."""
+    if spec.filter.dbs is not None:
+        return any(spec.target_db(d) == db for d in spec.filter.dbs)
+    return db not in spec.db_mapping or db in spec.db_mapping.values()
+
+
+async def _count_matching(dst: _Side, spec: TaskSpec, db: int) -> int:
+    """Count the keys of target db ``db`` that pass the spec's prefix filter.
+
+    Each SCAN runs between SELECT db and SELECT 0 in one pipeline, so the shared
+    connection stays in db 0 for the other checks.
+    """
+    cursor: Any = b"0"
+    n = 0
+    while True:
+        replies = await dst.pipeline([["SELECT", db], ["SCAN", cursor, "COUNT", 1000],
+                                      ["SELECT", 0]])
+        reply = replies[1] if not isinstance(replies[0], ReplyError) else replies[0]
+        if isinstance(reply, ReplyError):
+            raise CdcdError(f"{dst.name}: cannot count keys in db {db}: {reply}")
+        cursor, keys = reply[0], reply[1]
+        n += sum(1 for k in keys if spec.filter.key_ok(k))
+        if cursor in (b"0", 0, "0"):
+            return n
+
+
+async def _existing_keys_check(dst: _Side, spec: TaskSpec) -> Check:
+    name = "target.existing_keys"
+    if dst.info_error:
+        raise CdcdError(dst.info_error)
+    held = {db: n for db, n in keyspace(dst.info).items() if n and _writes_db(spec, db)}
+    if spec.filter.by_key:
+        for db, n in list(held.items()):
+            if n <= PREFIX_SCAN_LIMIT:
+                held[db] = await _count_matching(dst, spec, db)
+        held = {db: n for db, n in held.items() if n}
+        what = "keys matching the task's prefix filter"
+    else:
+        what = "keys"
+    if not held:
+        return Check(name=name, status="ok",
+                     message=f"{dst.name} holds no {what} in the databases the task writes")
+    detail = ", ".join(f"db {db} holds {n} {what}" for db, n in sorted(held.items()))
+    if spec.existing_keys == "fail":
+        return Check(name=name, status="error",
+                     message=f"{dst.name} is not empty ({detail}) and existing_keys is 'fail': "
+                             f"empty those databases or choose existing_keys replace/skip")
+    if spec.existing_keys == "replace":
+        return Check(name=name, status="warning",
+                     message=f"{dst.name} is not empty ({detail}); keys the source also holds "
+                             f"will be overwritten (existing_keys is 'replace')")
+    return Check(name=name, status="ok",
+                 message=f"{dst.name} is not empty ({detail}); existing keys will be kept "
+                         f"(existing_keys is 'skip')")
+
+
+async def _memory_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check:
+    name = "target.memory"
+    (src_used,) = (int(v) for v in src.need_info("used_memory"))
+    dst_max, dst_used = (int(v) for v in dst.need_info("maxmemory", "used_memory"))
+    filtered = spec.filter.by_key or spec.filter.dbs is not None
+    scope = " (whole source, before filters)" if filtered else ""
+    if dst_max <= 0:
+        return Check(name=name, status="ok",
+                     message=f"{dst.name} has no maxmemory limit; source uses "
+                             f"{_size(src_used)}")
+    headroom = dst_max - dst_used
+    text = (f"source uses {_size(src_used)}{scope}; {dst.name} has {_size(max(headroom, 0))} "
+            f"free of maxmemory {_size(dst_max)}")
+    if src_used > headroom:
+        return Check(name=name, status="error",
+                     message=f"{text}: the copy does not fit; raise the target's maxmemory "
+                             f"or free memory")
+    if src_used > headroom * (1 - MEMORY_MARGIN):
+        return Check(name=name, status="warning",
+                     message=f"{text}: less than {MEMORY_MARGIN:.0%} would remain free")
+    return Check(name=name, status="ok", message=text)
+
+
+async def _eviction_check(dst: _Side) -> Check:
+    name = "target.eviction_policy"
+    (policy,) = dst.need_info("maxmemory_policy")
+    if policy == "noeviction":
+        return Check(name=name, status="ok", message=f"{dst.name} never evicts keys "
+                                                     f"(maxmemory-policy noeviction)")
+    limit = _int(dst.info.get("maxmemory"))
+    when = "when it reaches maxmemory" if limit else "once a maxmemory is set"
+    return Check(name=name, status="warning",
+                 message=f"{dst.name} evicts keys {when} (maxmemory-policy {policy}): migrated "
+                         f"keys may silently disappear; prefer noeviction")
+
+
+async def _topology_check(side: _Side) -> Check:
+    name = f"{side.role}.topology"
+    if len(side.ep.addrs) > 1:
+        return Check(name=name, status="error",
+                     message=f"{side.role} lists {len(side.ep.addrs)} addresses, i.e. a Redis "
+                             f"Cluster: cluster not supported yet; give one standalone node")
+    if side.info_error and "mode" not in side.hello:
+        raise CdcdError(side.info_error)
+    mode = side.info.get("redis_mode", side.info.get("server_mode",
+                                                     side.hello.get("mode", "standalone")))
+    if mode == "sentinel":
+        return Check(name=name, status="error",
+                     message=f"{side.name} is a Sentinel, not a data node; give the address of "
+                             f"the master it monitors")
+    if side.info.get("cluster_enabled") == "1" or mode == "cluster":
+        return Check(name=name, status="error",
+                     message=f"{side.name} is a Redis Cluster node (cluster_enabled:1): cluster "
+                             f"not supported yet")
+    return Check(name=name, status="ok", message=f"{side.name} is a standalone server")
+
+
+async def _backlog_check(src: _Side, sample_s: float) -> Check:
+    """Compare repl-backlog-size with about a second's worth of the source's writes.
+
+    The write rate is the growth of ``master_repl_offset`` when a backlog exists; before
+    any replica attached the offset does not move, so ``total_net_input_bytes`` (reads
+    included) serves as an upper bound.
+    """
+    name = "source.repl_backlog"
+    cmds: list[list[Arg]] = [["INFO", "replication"], ["INFO", "stats"]]
+    first = await src.pipeline(cmds)
+    t0 = time.monotonic()
+    await asyncio.sleep(sample_s)
+    second = await src.pipeline(cmds)
+    elapsed = max(time.monotonic() - t0, 1e-3)
+    for r in (*first, *second):
+        if isinstance(r, ReplyError):
+            raise CdcdError(f"{src.name}: INFO refused: {r}")
+    a = {**parse_info(first[0]), **parse_info(first[1])}
+    b = {**parse_info(second[0]), **parse_info(second[1])}
+    size = _int(b.get("repl_backlog_size"), _int(src.config.get("repl-backlog-size"), -1))
+    if size < 0:
+        raise CdcdError(f"{src.name}: cannot read repl-backlog-size (INFO replication and "
+                        f"CONFIG GET both lack it)")
+    if b.get("repl_backlog_active") == "1" and a.get("repl_backlog_active") == "1":
+        delta = _int(b.get("master_repl_offset")) - _int(a.get("master_repl_offset"))
+        basis = "measured from master_repl_offset"
+    else:
+        delta = _int(b.get("total_net_input_bytes")) - _int(a.get("total_net_input_bytes"))
+        basis = "estimated from network input, an upper bound: no replication backlog yet"
+    rate = max(delta, 0) / elapsed
+    if rate <= 0:
+        return Check(name=name, status="ok",
+                     message=f"repl-backlog-size is {_size(size)}; no writes seen on "
+                             f"{src.name} during a {sample_s:g} s sample")
+    seconds = size / rate
+    text = (f"repl-backlog-size {size} bytes ({_size(size)}) holds about {seconds:.1f} s of "
+            f"writes at {_size(rate)}/s ({basis})")
+    if seconds < BACKLOG_MIN_SECONDS:
+        advise = math.ceil(rate * BACKLOG_ADVISE_SECONDS / MIB) * MIB
+        return Check(name=name, status="warning",
+                     message=f"{text}: a reconnect after a longer gap forces a full resync; "
+                             f"raise repl-backlog-size to {advise} bytes "
+                             f"(CONFIG SET repl-backlog-size {advise})")
+    return Check(name=name, status="ok", message=text)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
+                        connect_timeout: float = CONNECT_TIMEOUT,
+                        command_timeout: float = COMMAND_TIMEOUT,
+                        backlog_sample_s: float = BACKLOG_SAMPLE_S) -> list[Check]:
+    """Check that ``spec`` can run; return every check in a stable order, never raise.
+
+    ``fresh`` says the task has no checkpoint yet, so the target's existing keys matter.
+    Checks on a side that cannot be reached (or authenticated) are left out: the
+    connection check already says why.
+    """
+    src = _Side("source", spec.source, command_timeout)
+    dst = _Side("target", spec.target, command_timeout)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(src.connect(connect_timeout))
+            tg.create_task(dst.connect(connect_timeout))
+        plan: list[tuple[str, CheckFn]] = []
+        if src.up:
+            plan.append(("source.version", lambda: _version_check(src)))
+        if dst.up:
+            plan.append(("target.version", lambda: _version_check(dst)))
+        if src.up and dst.up:
+            plan.append(("dump_compatibility", lambda: _dump_check(src, dst)))
+        if src.up and spec.reader in ("psync", "auto"):
+            plan.append(("source.psync", lambda: _psync_check(src, spec.reader)))
+        if src.up:
+            plan.append(("source.topology", lambda: _topology_check(src)))
+        if dst.up:
+            plan.append(("target.topology", lambda: _topology_check(dst)))
+            plan.append(("target.writable", lambda: _writable_check(dst)))
+            if fresh:
+                plan.append(("target.existing_keys", lambda: _existing_keys_check(dst, spec)))
+        if src.up and dst.up:
+            plan.append(("target.memory", lambda: _memory_check(src, dst, spec)))
+        if dst.up:
+            plan.append(("target.eviction_policy", lambda: _eviction_check(dst)))
+        if src.up and spec.incremental and spec.reader != "scan":
+            plan.append(("source.repl_backlog",
+                         lambda: _backlog_check(src, backlog_sample_s)))
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(_guard(name, fn)) for name, fn in plan]
+        return [_connection_check(src), _connection_check(dst)] + [t.result() for t in tasks]
+    finally:
+        await asyncio.gather(src.close(), dst.close())
