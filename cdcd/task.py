@@ -13,6 +13,7 @@ from typing import Any
 
 from .entry import Batch
 from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, MigrationError
+from .precheck import run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
@@ -70,6 +71,7 @@ class Task:
         self.progress = Progress.from_record(rec.get("progress") or {})
         self.runner: asyncio.Task[None] | None = None
         self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
+        self.prechecks: list[dict[str, str]] = rec.get("prechecks", [])
         self._dirty = False
 
     # --- view and persistence ---------------------------------------------------------------
@@ -85,6 +87,7 @@ class Task:
             "updated_at": self.updated_at,
             "spec": self.spec.to_json(mask=True),
             "progress": self.progress.view(incremental=self.spec.incremental),
+            "prechecks": self.prechecks,
         }
 
     def to_record(self) -> dict[str, Any]:
@@ -98,6 +101,7 @@ class Task:
             "checkpoint": self.checkpoint,
             "progress": self.progress.to_record(),
             "fallback": self.fallback,
+            "prechecks": self.prechecks,
         }
 
     async def persist(self) -> None:
@@ -321,18 +325,17 @@ class Task:
         return TokenBucket(mb * 1_000_000) if mb else None
 
     async def _precheck(self, source: Connection, target: Connection) -> None:
-        await source.call("PING")
-        await target.call("PING")
-        if self.checkpoint or self.spec.existing_keys != "fail":
+        """Run every check; errors stop the task, warnings are only shown."""
+        fresh = not self.checkpoint
+        checks = await run_prechecks(self.spec, fresh=fresh)
+        self.prechecks = [c.to_json() for c in checks]
+        bad = [c for c in checks if c.status == "error"]
+        if not bad:
             return
-        dbs = keyspace(parse_info(await source.call("INFO", "keyspace")))
-        wanted = {self.spec.target_db(db) for db in dbs if self.spec.filter.db_ok(db)}
-        held = keyspace(parse_info(await target.call("INFO", "keyspace")))
-        busy = {db: n for db, n in held.items() if db in wanted and n}
-        if busy:
-            detail = ", ".join(f"db {db} holds {n} keys" for db, n in sorted(busy.items()))
-            raise FatalTaskError(f"{target.name}: target is not empty ({detail}) and "
-                                 f"existing_keys is 'fail'")
+        reason = "precheck failed: " + "; ".join(f"{c.name}: {c.message}" for c in bad)
+        if fresh:
+            raise FatalTaskError(reason)
+        raise EndpointError(reason)   # data moved already: retry per resume_mode
 
     async def _scan_snapshot(self, source: Connection, target: Connection) -> None:
         spec = self.spec
