@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -110,8 +111,11 @@ class ClientError(Exception):
 
 def call(args: argparse.Namespace, request_type: str, data: dict[str, Any]) -> dict[str, Any]:
     body = json.dumps({"request_type": request_type, "request_data": data}).encode()
-    req = urllib.request.Request(args.url.rstrip("/") + "/cdc", data=body, method="POST",
-                                 headers={"Content-Type": "application/json"})
+    try:
+        req = urllib.request.Request(args.url.rstrip("/") + "/cdc", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    except ValueError as exc:  # e.g. "localhost:8444" without http://
+        raise ClientError(f"bad --url {args.url!r}: {exc}") from None
     if args.token:
         req.add_header("Authorization", f"Bearer {args.token}")
     try:
@@ -133,10 +137,12 @@ def spec_from_args(args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     if args.file:
         try:
-            text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
             spec = json.loads(text)
         except (OSError, ValueError) as exc:
             raise ClientError(f"cannot read the spec from {args.file}: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ClientError(f"the spec in {args.file} must be a JSON object")
     for flag, key in (("task_id", "task_id"), ("name", "name"), ("method", "migration_method"),
                       ("reader", "reader")):
         if getattr(args, flag):
@@ -193,7 +199,7 @@ def table(tasks: list[dict[str, Any]]) -> str:
     rows = [("TASK_ID", "NAME", "STATE", "PHASE", "PROGRESS", "REASON")]
     for t in tasks:
         rows.append((t["task_id"], t.get("name", ""), t["state"], t.get("phase", ""),
-                     _progress_text(t), (t.get("reason") or "")[:60]))
+                     _progress_text(t), " ".join((t.get("reason") or "").split())[:60]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -30,11 +30,15 @@ class Manager:
         """Load every stored task and restart the ones that were Running or Initial."""
         for task_id, rec in self.store.open().items():
             try:
+                if not isinstance(rec, dict):
+                    raise ValueError("the record is not a JSON object")
                 spec = spec_from_store(rec["spec"])
-            except (RequestError, KeyError) as exc:
-                log.error("task %s: stored spec is unreadable, skipping it: %s", task_id, exc)
+                task = Task(spec, self._persist, record=rec)
+            except (RequestError, KeyError, TypeError, ValueError) as exc:
+                # Keep it in the file (nothing is lost) but do not run what we cannot read.
+                log.error("task %s: stored record is unreadable, skipping it: %s", task_id,
+                          getattr(exc, "message", exc))
                 continue
-            task = Task(spec, self._persist, record=rec)
             self.tasks[task_id] = task
             if task.state in (State.RUNNING, State.INITIAL):
                 log.info("task %s: resuming after daemon restart (%s)", task_id,
@@ -78,7 +82,13 @@ class Manager:
                 raise ConflictError(f"max_tasks ({self.max_tasks}) reached; delete a task first")
             task = Task(spec, self._persist)
             self.tasks[spec.task_id] = task
-            await task.persist()
+            try:
+                await task.persist()
+            except BaseException:
+                # Not on disk, so not created: a retry of the request starts afresh.
+                del self.tasks[spec.task_id]
+                self.store.remove(spec.task_id)
+                raise
             task.start()
             log.info("task %s: created (%s, source %s, target %s)", spec.task_id,
                      spec.migration_method, spec.source.display, spec.target.display)

@@ -10,6 +10,8 @@ MULTI that is discarded (never executed); a refusal leaves an entry in its ACL L
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import logging
 import math
@@ -370,7 +372,10 @@ async def _version_check(side: _Side) -> Check:
 
 
 async def _dump_check(src: _Side, dst: _Side) -> Check:
-    return dump_compatibility(src.version(), dst.version(), dst.config.get("rdb-version-check"))
+    c = dump_compatibility(src.version(), dst.version(), dst.config.get("rdb-version-check"))
+    if c.status == "ok":
+        return c
+    return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
 
 
 def _dryrun_verdict(reply: Any) -> tuple[str, str]:

@@ -104,11 +104,15 @@ async def handle_cdc(request: web.Request) -> web.Response:
     request_type = "invalid"
     try:
         check_token(request, app[TOKEN])
+        limit = app[CONFIG].max_body_bytes
+        too_large = PayloadTooLarge(f"request body is larger than {limit} bytes")
+        # refuse a declared oversize body at once, without waiting for it to arrive
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"request body is larger than "
-                                  f"{app[CONFIG].max_body_bytes} bytes") from None
+            raise too_large from None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -133,6 +137,9 @@ async def handle_cdc(request: web.Request) -> web.Response:
             raise RequestError("request_data: must be an object")
         result = await op(app[MANAGER], data)
         response = _reply(200, {"code": 200, "data": result})
+    except PayloadTooLarge as exc:
+        response = error_reply(exc)
+        response.force_close()  # the rest of the body is never read
     except CdcdError as exc:
         response = error_reply(exc)
     except Exception as exc:

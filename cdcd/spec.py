@@ -16,7 +16,10 @@ METHODS = ("full_amount_migration", "incremental_migration")
 READERS = ("auto", "psync", "scan")
 RESUME_MODES = ("auto", "manual")
 EXISTING_KEYS = ("replace", "skip", "fail")
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
+PORT_RE = re.compile(r"[0-9]{1,5}")
+DB_RE = re.compile(r"[0-9]{1,5}")
 MAX_DB = 15_999
 
 
@@ -179,7 +182,7 @@ def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
     out: list[tuple[str, int]] = []
     for part in parts:
         host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
             raise RequestError(f"{path}: {part!r} is not host:port")
         out.append((host.strip("[]"), int(port)))
     if not out:
@@ -229,7 +232,10 @@ def parse_time(value: str, path: str) -> datetime:
         raise RequestError(f"{path}: {value!r} is not an ISO 8601 time") from None
     if t.tzinfo is None:
         raise RequestError(f"{path}: needs a time zone (e.g. 2026-12-01T02:00:00Z)")
-    return t.astimezone(timezone.utc)
+    try:
+        return t.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is past datetime.max in UTC
+        raise RequestError(f"{path}: {value!r} is out of range") from None
 
 
 def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
@@ -238,7 +244,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     task_id = f.pop("task_id", str, None)
     if task_id is None:
         task_id = uuid.uuid4().hex
-    elif not TASK_ID_RE.match(task_id):
+    elif not TASK_ID_RE.fullmatch(task_id):
         raise RequestError(f"{path}.task_id: use 1-128 letters, digits, '_', '.', '-'")
     name = f.pop("name", str, "")
     src = f.sub("source", required=True)
@@ -258,7 +264,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     mapping_raw = f.pop("db_mapping", dict, {})
     mapping: dict[int, int] = {}
     for k, v in mapping_raw.items():
-        if not (isinstance(k, str) and k.isdigit() and int(k) <= MAX_DB):
+        if not (isinstance(k, str) and DB_RE.fullmatch(k) and int(k) <= MAX_DB):
             raise RequestError(f"{path}.db_mapping: key {k!r} is not a db number")
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_DB:
             raise RequestError(f"{path}.db_mapping.{k}: must be a db number 0..{MAX_DB}")

@@ -13,6 +13,7 @@ import copy
 import fcntl
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,11 @@ class Store:
         self._gen = 0            # bumped by every change
         self._written = 0        # generation last on disk
         self._lock = asyncio.Lock()
+        # A flush cancelled while its thread writes releases ``_lock`` but not the thread:
+        # ``_io`` keeps two writes from racing on the temp file, ``_on_disk`` keeps an
+        # older generation from overwriting a newer one.
+        self._io = threading.Lock()
+        self._on_disk = 0
         self._lock_fd: int | None = None
 
     def open(self) -> dict[str, dict[str, Any]]:
@@ -58,11 +64,16 @@ class Store:
             doc = orjson.loads(self.path.read_bytes())
         except (OSError, orjson.JSONDecodeError) as exc:
             raise StoreError(f"cannot read {self.path}: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise StoreError(f"{self.path} is not a cdcd store (not a JSON object)")
         version = doc.get("version")
         if version != STORE_VERSION:
             raise StoreError(f"{self.path} has store version {version}, this cdcd reads "
                              f"{STORE_VERSION}")
-        self._tasks = doc.get("tasks", {})
+        tasks = doc.get("tasks", {})
+        if not isinstance(tasks, dict):
+            raise StoreError(f"{self.path}: 'tasks' is not a JSON object")
+        self._tasks = tasks
         return copy.deepcopy(self._tasks)
 
     def close(self) -> None:
@@ -87,16 +98,27 @@ class Store:
             gen = self._gen
             data = orjson.dumps({"version": STORE_VERSION, "tasks": self._tasks},
                                 option=orjson.OPT_INDENT_2)
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(self._write, data, gen)
             self._written = gen
 
     def flush_sync(self) -> None:
         data = orjson.dumps({"version": STORE_VERSION, "tasks": self._tasks},
                             option=orjson.OPT_INDENT_2)
-        self._write(data)
-        self._written = self._gen
+        gen = self._gen
+        self._write(data, gen)
+        self._written = gen
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, gen: int) -> None:
+        with self._io:
+            if gen <= self._on_disk:
+                return
+            try:
+                self._write_file(data)
+            except OSError as exc:
+                raise StoreError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+            self._on_disk = gen
+
+    def _write_file(self, data: bytes) -> None:
         tmp = self.dir / f".{FILE_NAME}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
