@@ -19,7 +19,7 @@ from .ratelimit import TokenBucket
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.notify import NotificationFeed
 from .readers.scan import ScanSnapshot
-from .resp import Connection, keyspace, parse_info
+from .resp import Connection, ServerReplyError, keyspace, parse_info
 from .spec import TaskSpec
 from .writer import Writer
 
@@ -308,16 +308,26 @@ class Task:
                 self._dirty = True
 
         await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
-                           self._poll_source_offset(source))
+                           self._poll_source(source, reader))
         self.progress.snapshot_done = True
         await self.persist()
 
-    async def _poll_source_offset(self, source: Connection) -> None:
-        """Sample the source's own replication offset, so lag counts what we have not read."""
+    async def _poll_source(self, source: Connection, reader: PsyncReader) -> None:
+        """Every second: sample the source's offset (so lag counts what we have not read
+        yet) and publish a heartbeat that measures lag end to end."""
+        beats = self.spec.incremental
         while True:
             info = parse_info(await source.call("INFO", "replication"))
             off = int(info.get("master_repl_offset", "0") or 0)
             self.progress.source_offset = max(self.progress.source_offset, off)
+            if beats and self.phase == "incremental":
+                try:
+                    await source.call(*reader.heartbeat())
+                except ServerReplyError as exc:
+                    beats = False
+                    log.warning("task %s: heartbeat PUBLISH refused (%s); lag_ms is then the "
+                                "time from reading a change to applying it", self.spec.task_id,
+                                exc.reply)
             await asyncio.sleep(1.0)
 
     def _limiter(self) -> TokenBucket | None:

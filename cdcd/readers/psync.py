@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
+from collections import deque
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,7 +100,11 @@ class PsyncReader:
         self.conn: Connection | None = None
         self.filter = CommandFilter(spec)
         self.scripts: dict[bytes, bytes] = {}
-        self.pending: list[tuple[int, float]] = []   # (offset, received at) not yet applied
+        self.pending: deque[tuple[int, float]] = deque()   # (offset, read at) not applied
+        self.heartbeats: deque[tuple[int, float]] = deque()  # (offset, published at)
+        self.heartbeat_channel = b"__cdcd_heartbeat__:" + spec.task_id.encode()
+        self.nonce = uuid.uuid4().hex[:12].encode()   # ignore beats of an earlier process
+        self.measured = False
         self._buf = b""
 
     # --- the link ---------------------------------------------------------------------------
@@ -289,6 +295,9 @@ class PsyncReader:
             self.offset += size
             dirty = True
             name = args[0].lower()
+            if name == b"publish" and len(args) == 3 and args[1] == self.heartbeat_channel:
+                self._beat(args[2])
+                continue
             if name == b"select":
                 self.db = int(args[1])
                 continue
@@ -338,17 +347,36 @@ class PsyncReader:
                 return [b"EVAL", body, *args[2:]]
         return args
 
+    def heartbeat(self) -> list[bytes]:
+        """A PUBLISH that travels through the stream and times it end to end.
+
+        PUBLISH is replicated but stores nothing, so it leaves nothing behind on the
+        source or the target; the reader recognises it and never applies it.
+        """
+        return [b"PUBLISH", self.heartbeat_channel,
+                b"%s %d" % (self.nonce, time.monotonic_ns())]
+
     def acked(self, pos: StreamPos) -> None:
         """The target holds everything up to ``pos``: update ACKs and the measured lag."""
         self.applied = pos.offset
         now = time.monotonic()
-        oldest = None
+        beat = None
+        while self.heartbeats and self.heartbeats[0][0] <= pos.offset:
+            beat = self.heartbeats.popleft()
+        if beat is not None:
+            self.progress.lag_ms = max(0.0, (now - beat[1]) * 1000)
+            self.measured = True
+        batch = None
         while self.pending and self.pending[0][0] <= pos.offset:
-            oldest = self.pending.pop(0)
-        if oldest is not None:
-            self.progress.lag_ms = (now - oldest[1]) * 1000
-        if not self.pending:
-            self.progress.lag_ms = 0.0 if oldest is None else self.progress.lag_ms
+            batch = self.pending.popleft()
+        if batch is not None and not self.measured:
+            # No heartbeat seen (PUBLISH refused): time from reading a batch to applying it.
+            self.progress.lag_ms = (now - batch[1]) * 1000
+
+    def _beat(self, payload: bytes) -> None:
+        nonce, _, stamp = payload.partition(b" ")
+        if nonce == self.nonce and stamp.isdigit():
+            self.heartbeats.append((self.offset, int(stamp) / 1e9))
 
 
 def key_hash(db: int, key: bytes) -> int:
