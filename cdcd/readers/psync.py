@@ -269,39 +269,45 @@ class PsyncReader:
             await asyncio.sleep(ACK_EVERY)
 
     async def _stream(self, conn: Connection, out: "asyncio.Queue[Batch | None]") -> None:
+        """Turn the command stream into batches, each ending on a command boundary."""
         parser = hiredis.Reader()
+        gets = parser.gets
         if self._buf:
             parser.feed(self._buf)
             self._buf = b""
+        received = self.offset + 0
         entries: list[Entry] = []
-        nbytes = 0
+        start = self.offset     # offset where the current batch began
         in_multi: list[Entry] | None = None
-        dirty = False     # the offset moved since the last batch went out
         flt = self.filter
+        beat = self.heartbeat_channel
+        offset = self.offset
         while True:
-            args = parser.gets()
+            args = gets()
             if args is False:
-                if dirty and in_multi is None:
-                    await self._emit(out, entries, nbytes)
-                    entries, nbytes, dirty = [], 0, False
-                parser.feed(await self._read(conn))
-                self.progress.source_offset = max(self.progress.source_offset,
-                                                  self.offset + parser_pending(parser))
+                if offset != start and in_multi is None:
+                    self.offset = start = offset
+                    await self._emit(out, entries)
+                    entries = []
+                data = await self._read(conn)
+                parser.feed(data)
+                received += len(data)
+                if received > self.progress.source_offset:
+                    self.progress.source_offset = received
                 continue
-            if not isinstance(args, list) or not args:
+            if args.__class__ is not list or not args:
                 raise EndpointError(f"{self.name}: unexpected data in the stream: "
                                     f"{str(args)[:80]}")
-            size = command_size(args)
-            self.offset += size
-            dirty = True
+            offset += command_size(args)
             name = args[0].lower()
-            if name == b"publish" and len(args) == 3 and args[1] == self.heartbeat_channel:
+            if name == b"publish" and len(args) == 3 and args[1] == beat:
+                self.offset = offset
                 self._beat(args[2])
                 continue
             if name == b"select":
                 self.db = int(args[1])
                 continue
-            if name in (b"ping", b"replconf"):
+            if name == b"ping" or name == b"replconf":
                 if name == b"replconf" and len(args) > 1 and args[1].lower() == b"getack":
                     conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
                 continue
@@ -313,28 +319,26 @@ class PsyncReader:
                     entries.extend(in_multi)
                 in_multi = None
                 continue
-            if name in (b"eval", b"script") or name == b"evalsha":
+            if name == b"eval" or name == b"evalsha" or name == b"script":
                 args = self._script(args)
-                if args is None:
-                    continue
             target = in_multi if in_multi is not None else entries
             if flt.trivial:
                 target.append((COMMAND, self.db, args))
             else:
                 for db, cmd in flt.apply(self.db, args):
                     target.append((COMMAND, db, cmd))
-            nbytes += size
-            if in_multi is None and (len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES):
-                await self._emit(out, entries, nbytes)
-                entries, nbytes, dirty = [], 0, False
+            if in_multi is None and (len(entries) >= BATCH_ENTRIES or
+                                     offset - start >= BATCH_BYTES):
+                self.offset = start = offset
+                await self._emit(out, entries)
+                entries = []
 
-    async def _emit(self, out: "asyncio.Queue[Batch | None]", entries: list[Entry],
-                    nbytes: int) -> None:
+    async def _emit(self, out: "asyncio.Queue[Batch | None]", entries: list[Entry]) -> None:
         pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db)
         self.pending.append((self.offset, time.monotonic()))
-        await out.put(Batch(entries, pos, nbytes, 0))
+        await out.put(Batch(entries, pos, 0, 0))
 
-    def _script(self, args: list[bytes]) -> list[bytes] | None:
+    def _script(self, args: list[bytes]) -> list[bytes]:
         """Remember script bodies so a verbatim EVALSHA can be sent as EVAL."""
         name = args[0].lower()
         if name == b"eval" and len(args) > 1:
@@ -382,8 +386,3 @@ class PsyncReader:
 def key_hash(db: int, key: bytes) -> int:
     """A compact stand-in for (db, key) in the set of keys a resync RDB holds."""
     return hash((db, key))
-
-
-def parser_pending(parser: hiredis.Reader) -> int:
-    """Bytes buffered in the parser but not yet returned (unknown to hiredis: report 0)."""
-    return 0
