@@ -216,3 +216,16 @@ def test_lag_is_measured_by_heartbeats_that_leave_nothing_behind(servers: Any,
     assert int(info["pubsub_channels"]) == 0
     assert src.client().dbsize() == 1
     assert set(dst.client().keys()) == {b"k", b"cdcd:checkpoint:hb"}
+
+
+def test_command_size_matches_resp_encoding() -> None:
+    import random
+
+    from cdcd.readers.psync import command_size
+    from cdcd.resp import encode
+
+    rng = random.Random(1)
+    for _ in range(5000):
+        args = [rng.randbytes(rng.choice([0, 1, 9, 10, 99, 100, 999, 1000, 123_456]))
+                for _ in range(rng.randint(1, 14))]
+        assert command_size(args) == len(encode(args))

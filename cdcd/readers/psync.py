@@ -59,10 +59,15 @@ class StreamPos:
 
 
 def command_size(args: list[bytes]) -> int:
-    """Bytes a command takes in the replication stream (the master sends canonical RESP)."""
-    n = len(b"*%d\r\n" % len(args))
+    """Bytes a command takes in the replication stream (the master sends canonical RESP).
+
+    Written without bytes formatting: this runs once per replicated command.
+    """
+    n = 4 if len(args) < 10 else len(b"*%d\r\n" % len(args))
     for a in args:
-        n += len(b"$%d\r\n" % len(a)) + len(a) + 2
+        size = len(a)
+        n += size + (6 if size < 10 else 7 if size < 100 else 8 if size < 1000
+                     else len(b"$%d\r\n" % size) + 2)
     return n
 
 
