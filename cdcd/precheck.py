@@ -217,7 +217,8 @@ class _Side:
             raise CdcdError(self.broken)
         async with self.lock:
             try:
-                return await asyncio.wait_for(self.conn.pipeline(commands), self.timeout)
+                async with asyncio.timeout(self.timeout):   # not wait_for: see resp.py
+                    return await self.conn.pipeline(commands)
             except TimeoutError:
                 first = " ".join(str(a) for a in commands[0][:2]) if commands else "?"
                 self.broken = f"{self.name}: no reply to {first} within {self.timeout:g}s"

@@ -91,10 +91,11 @@ class Connection:
         """Connect and authenticate; ``role`` ('source'/'target') prefixes every error."""
         name = f"{role} {host}:{port}"
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, ssl=tls_context() if ep and ep.tls else None,
-                                        limit=1 << 20),
-                timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that races with completion, and a paused task would then never stop.
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=tls_context() if ep and ep.tls else None, limit=1 << 20)
         except asyncio.TimeoutError:
             raise EndpointError(f"{name}: connect timed out after {timeout:g}s") from None
         except OSError as exc:
@@ -163,7 +164,8 @@ class Connection:
         self.send(encode(args))
         try:
             await self.drain()
-            reply = await asyncio.wait_for(self.read_reply(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self.read_reply()
         except asyncio.TimeoutError:
             raise EndpointError(f"{self.name}: no reply to {_b(args[0]).decode()} "
                                 f"within {timeout:g}s") from None

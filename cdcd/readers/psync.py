@@ -180,7 +180,8 @@ class PsyncReader:
         """Read one status line, skipping the bare newlines a master sends as keep-alives."""
         while True:
             try:
-                line = await asyncio.wait_for(conn.reader.readline(), HANDSHAKE_TIMEOUT * 4)
+                async with asyncio.timeout(HANDSHAKE_TIMEOUT * 4):
+                    line = await conn.reader.readline()
             except asyncio.TimeoutError:
                 raise EndpointError(f"{self.name}: no answer to PSYNC") from None
             except (ConnectionError, OSError) as exc:
@@ -193,7 +194,8 @@ class PsyncReader:
 
     async def _read(self, conn: Connection, n: int = READ_CHUNK) -> bytes:
         try:
-            data = await asyncio.wait_for(conn.reader.read(n), STREAM_TIMEOUT)
+            async with asyncio.timeout(STREAM_TIMEOUT):   # not wait_for: see resp.py
+                data = await conn.reader.read(n)
         except asyncio.TimeoutError:
             raise EndpointError(f"{self.name}: no data for {STREAM_TIMEOUT:g}s") from None
         except (ConnectionError, OSError) as exc:
