@@ -1,0 +1,1 @@
+"""cdcd's benchmark: ``python -m bench.run`` (see bench/run.py)."""
