@@ -87,7 +87,7 @@ class Connection:
 
     @classmethod
     async def open(cls, host: str, port: int, *, role: str, ep: Endpoint | None = None,
-                   timeout: float = CONNECT_TIMEOUT) -> "Connection":
+                   timeout: float = CONNECT_TIMEOUT) -> Connection:
         """Connect and authenticate; ``role`` ('source'/'target') prefixes every error."""
         name = f"{role} {host}:{port}"
         try:
@@ -96,7 +96,7 @@ class Connection:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
                     host, port, ssl=tls_context() if ep and ep.tls else None, limit=1 << 20)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EndpointError(f"{name}: connect timed out after {timeout:g}s") from None
         except OSError as exc:
             raise EndpointError(f"{name}: cannot connect: {exc.strerror or exc}") from exc
@@ -115,7 +115,7 @@ class Connection:
         return conn
 
     @classmethod
-    async def open_endpoint(cls, ep: Endpoint, *, role: str, index: int = 0) -> "Connection":
+    async def open_endpoint(cls, ep: Endpoint, *, role: str, index: int = 0) -> Connection:
         host, port = ep.addrs[index]
         return await cls.open(host, port, role=role, ep=ep)
 
@@ -166,7 +166,7 @@ class Connection:
             await self.drain()
             async with asyncio.timeout(timeout):
                 reply = await self.read_reply()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EndpointError(f"{self.name}: no reply to {_b(args[0]).decode()} "
                                 f"within {timeout:g}s") from None
         if isinstance(reply, ReplyError):

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import RequestError
@@ -119,7 +119,7 @@ class TaskSpec:
 
 
 def _fmt_time(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class _Fields:
             raise RequestError(f"{self._name(key)}: must be one of {', '.join(choices)}")
         return str(value)
 
-    def sub(self, key: str, *, required: bool = False) -> "_Fields | None":
+    def sub(self, key: str, *, required: bool = False) -> _Fields | None:
         value = self.pop(key, dict, None, required=required)
         return None if value is None else _Fields(value, self._name(key))
 
@@ -233,7 +233,7 @@ def parse_time(value: str, path: str) -> datetime:
     if t.tzinfo is None:
         raise RequestError(f"{path}: needs a time zone (e.g. 2026-12-01T02:00:00Z)")
     try:
-        return t.astimezone(timezone.utc)
+        return t.astimezone(UTC)
     except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 is past datetime.max in UTC
         raise RequestError(f"{path}: {value!r} is out of range") from None
 

@@ -7,8 +7,8 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 from .entry import Batch
@@ -16,8 +16,8 @@ from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, Mig
 from .precheck import run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
-from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.notify import NotificationFeed
+from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.scan import ScanSnapshot
 from .resp import Connection, ServerReplyError, keyspace, parse_info
 from .spec import TaskSpec
@@ -31,7 +31,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     INITIAL = "Initial"
     RUNNING = "Running"
     PAUSED = "Paused"
@@ -50,7 +50,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
 PersistFn = Callable[["Task"], Awaitable[None]]
@@ -156,7 +156,7 @@ class Task:
         spec = self.spec
         try:
             if spec.start_at is not None:
-                wait = (spec.start_at - datetime.now(timezone.utc)).total_seconds()
+                wait = (spec.start_at - datetime.now(UTC)).total_seconds()
                 if wait > 0:
                     self.set_phase("scheduled")
                     await self.persist()
@@ -445,15 +445,15 @@ async def remove_stale_keys(spec: TaskSpec, seen: set[int], marker: bytes) -> in
     return removed
 
 
-async def run_pipeline(*parts: Awaitable[None]) -> None:
+async def run_pipeline(*parts: Coroutine[Any, Any, None]) -> None:
     """Run the parts together until the first two (reader, writer) finish; re-raise the
     first failure as itself, not as an ExceptionGroup."""
     main = list(parts[:2])
     background = list(parts[2:])
     try:
         async with asyncio.TaskGroup() as tg:
-            mains = [tg.create_task(p) for p in main]  # type: ignore[arg-type]
-            extra = [tg.create_task(p) for p in background]  # type: ignore[arg-type]
+            mains = [tg.create_task(p) for p in main]
+            extra = [tg.create_task(p) for p in background]
             await asyncio.wait(mains, return_when=asyncio.ALL_COMPLETED)
             for t in extra:
                 t.cancel()

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .entry import COMMAND, RESTORE, Batch
+from .entry import RESTORE, Batch
 from .errors import EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -54,7 +54,7 @@ class Writer:
         #  whether the batch is wrapped in MULTI/EXEC)
         self.inflight: deque[tuple[Batch, int, list[int], bool]] = deque()
 
-    async def run(self, queue: "asyncio.Queue[Batch | None]", on_ack: AckFn) -> None:
+    async def run(self, queue: asyncio.Queue[Batch | None], on_ack: AckFn) -> None:
         """Consume batches until a None arrives; acknowledge each once the target has it."""
         while True:
             if self.inflight and queue.empty():

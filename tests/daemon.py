@@ -45,7 +45,7 @@ class Daemon:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         env = dict(os.environ)
         if self.token:
             env["CDCD_AUTH_TOKEN"] = self.token

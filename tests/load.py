@@ -24,7 +24,7 @@ class Load:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self.thread.start()
         return self
 
@@ -55,12 +55,13 @@ class Load:
         except BaseException as exc:  # reported by stop()
             self.error = exc
 
-    def step(self, c: "redis.Redis[bytes]") -> None:
+    def step(self, c: redis.Redis[bytes]) -> None:
         r = self.rng
         n = r.randrange(200)
         op = r.randrange(14)
         if op == 0:
-            c.set(f"s:{n}", r.randbytes(r.randrange(1, 300)), px=r.choice([None, 60_000, 3_600_000]))
+            ttl = r.choice([None, 60_000, 3_600_000])
+            c.set(f"s:{n}", r.randbytes(r.randrange(1, 300)), px=ttl)
         elif op == 1:
             c.incr(f"counter:{n % 20}")
         elif op == 2:

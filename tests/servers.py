@@ -80,7 +80,7 @@ class RedisServer:
     def addr(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         if not self.port:
             self.port = free_port()
         cmd = [self.bin, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
@@ -106,7 +106,7 @@ class RedisServer:
                     raise RuntimeError(f"{self.flavour} did not start on {self.port}: {log}")
                 time.sleep(0.02)
 
-    def client(self, db: int = 0, **kw: object) -> "redis.Redis[bytes]":
+    def client(self, db: int = 0, **kw: object) -> redis.Redis[bytes]:
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password,
                            socket_timeout=30, **kw)  # type: ignore[arg-type]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from .compare import assert_same, wait_same
+from .compare import wait_same
 from .daemon import Daemon
 from .load import Load
 from .servers import RedisServer, wait_for

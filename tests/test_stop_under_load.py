@@ -13,7 +13,7 @@ from .daemon import Daemon
 from .servers import wait_for
 
 
-def flood(port: int) -> "subprocess.Popen[bytes]":
+def flood(port: int) -> subprocess.Popen[bytes]:
     bench = shutil.which("redis-benchmark")
     if bench is None:
         pytest.skip("redis-benchmark is not installed")

@@ -93,7 +93,7 @@ class NotificationFeed:
                     continue
                 self.dirty[(db, key)] = time.monotonic()
 
-    async def run(self, out: "asyncio.Queue[Batch | None]") -> None:
+    async def run(self, out: asyncio.Queue[Batch | None]) -> None:
         """After the snapshot, copy notified keys again, batch by batch, forever."""
         await self.snapshot_done.wait()
         if self.overflowed:
