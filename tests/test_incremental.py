@@ -229,3 +229,22 @@ def test_command_size_matches_resp_encoding() -> None:
         args = [rng.randbytes(rng.choice([0, 1, 9, 10, 99, 100, 999, 1000, 123_456]))
                 for _ in range(rng.randint(1, 14))]
         assert command_size(args) == len(encode(args))
+
+
+def test_scripts_replicated_verbatim_by_an_older_source(servers: Any, daemon: Daemon) -> None:
+    # Redis 6.2 can still replicate scripts as EVAL/EVALSHA instead of their effects.
+    src = servers("redis6", args=["--lua-replicate-commands", "no"])
+    dst = servers("redis6")
+    daemon.ok("create", spec(src, dst, task_id="lua"))
+    wait_for(lambda: daemon.task("lua")["phase"] == "incremental", 30, what="stream phase")
+    c = src.client()
+    script = "redis.call('INCRBY', KEYS[1], ARGV[1]); return redis.call('RPUSH', KEYS[2], ARGV[1])"
+    sha = c.script_load(script)
+    for i in range(20):
+        c.eval(script, 2, "lua:n", "lua:l", i)
+        c.evalsha(sha, 2, "lua:n", "lua:l", i)
+    converge(src, dst, daemon, "lua")
+    assert dst.client().get("lua:n") == str(2 * sum(range(20))).encode()
+    # The scripts reached the target as scripts (EVALSHA sent as EVAL with its body).
+    stats = dst.client().info("commandstats")
+    assert stats["cmdstat_eval"]["calls"] >= 40, stats.get("cmdstat_eval")
