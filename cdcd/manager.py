@@ -1,4 +1,5 @@
-"""The task registry: create/list/get/pause/resume/delete, and restart recovery."""
+"""The task registry: create/list/get/pause/resume/delete, restart recovery, and the
+verifications started over the API."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from .errors import ConflictError, NotFoundError, RequestError
 from .spec import parse_spec, same_spec, spec_from_store
 from .store import Store
 from .task import State, Task
+from .verifications import Verifications, parse_verify
+from .verify import Verification
 
 log = logging.getLogger("cdcd.manager")
 
@@ -20,6 +23,7 @@ class Manager:
         self.max_tasks = max_tasks
         self.tasks: dict[str, Task] = {}
         self._ops = asyncio.Lock()   # one lifecycle operation at a time
+        self.verifications = Verifications()
 
     async def _persist(self, task: Task) -> None:
         if self.tasks.get(task.spec.task_id) is task:
@@ -46,7 +50,11 @@ class Manager:
                 task.start()
 
     async def stop(self) -> None:
-        """Stop every pipeline, each with its checkpoint saved; states stay as they are."""
+        """Stop every pipeline, each with its checkpoint saved; states stay as they are.
+
+        Verifications are cancelled and awaited first (they are not kept across restarts).
+        """
+        await self.verifications.stop()
         async with self._ops:
             tasks = list(self.tasks.values())
             results = await asyncio.gather(*(t.stop() for t in tasks), return_exceptions=True)
@@ -134,3 +142,7 @@ class Manager:
             await self.store.flush()
             log.info("task %s: deleted", task_id)
             return task.spec.task_id
+
+    def verify(self, data: dict[str, Any]) -> Verification:
+        """Start comparing a task's (or two endpoints') source and target in the background."""
+        return self.verifications.start(parse_verify(data, self.get))

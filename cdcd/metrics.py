@@ -1,4 +1,5 @@
-"""Prometheus metrics: API requests, and per-task gauges read from the live tasks."""
+"""Prometheus metrics: API requests, per-task values read from the live tasks, and
+verifications by state. Every name starts with ``cdcd_``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from .verify import STATES as VERIFICATION_STATES
+
 if TYPE_CHECKING:
     from .manager import Manager
 
@@ -17,53 +20,75 @@ STATES = ("Initial", "Running", "Paused", "Failed", "Succeeded")
 
 
 class TaskCollector(Collector):
-    def __init__(self, manager: "Manager") -> None:
+    """Read every live task's progress at scrape time (deleted tasks simply disappear).
+
+    Counters restart from 0 when a full resync redoes a snapshot (keys/bytes) or after a
+    daemon restart for values the store does not keep; Prometheus' rate() handles resets.
+    """
+
+    def __init__(self, manager: Manager) -> None:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
-        state = GaugeMetricFamily("cdcd_task_state", "1 for the state the task is in",
-                                  labels=["task_id", "state"])
-        keys = CounterMetricFamily("cdcd_snapshot_keys", "Keys copied by the snapshot",
-                                   labels=["task_id"])
-        total = GaugeMetricFamily("cdcd_snapshot_keys_total", "Keys the snapshot expects",
-                                  labels=["task_id"])
-        sbytes = CounterMetricFamily("cdcd_snapshot_bytes", "Payload bytes copied by the "
-                                     "snapshot", labels=["task_id"])
-        written = CounterMetricFamily("cdcd_target_written_bytes", "Bytes written to the "
-                                      "target", labels=["task_id"])
-        ops = CounterMetricFamily("cdcd_commands_applied", "Replicated commands applied",
-                                  labels=["task_id"])
-        lag_b = GaugeMetricFamily("cdcd_lag_bytes", "Source offset minus applied offset",
-                                  labels=["task_id"])
-        lag_ms = GaugeMetricFamily("cdcd_lag_milliseconds", "Measured replication lag",
-                                   labels=["task_id"])
-        retries = CounterMetricFamily("cdcd_retries", "Reconnects after errors",
-                                      labels=["task_id"])
-        errors = CounterMetricFamily("cdcd_full_resyncs", "Snapshots redone after the "
-                                     "source refused a partial resync", labels=["task_id"])
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["task_id"])
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["task_id"])
+
+        state = GaugeMetricFamily("cdcd_task_state", "1 for the state the task is in, 0 for "
+                                  "the others", labels=["task_id", "state"])
+        keys = counter("cdcd_snapshot_keys", "Keys copied by the snapshot")
+        expected = gauge("cdcd_snapshot_keys_expected", "Keys the snapshot expects to copy")
+        skipped = counter("cdcd_snapshot_keys_skipped", "Keys the snapshot left alone "
+                          "(existing_keys skip)")
+        sbytes = counter("cdcd_snapshot_bytes", "Payload bytes copied by the snapshot")
+        written = counter("cdcd_target_written_bytes", "Bytes written to the target")
+        ops = counter("cdcd_commands_applied", "Replicated commands applied to the target")
+        rate = gauge("cdcd_ops_per_second", "Keys plus commands applied per second, "
+                     "over the last few seconds")
+        lag_b = gauge("cdcd_lag_bytes", "Source replication offset minus applied offset "
+                      "(incremental tasks)")
+        lag_ms = gauge("cdcd_lag_milliseconds", "Measured time from reading a change to the "
+                       "target acknowledging it (incremental tasks)")
+        retries = counter("cdcd_retries", "Reconnects after errors")
+        errors = counter("cdcd_errors", "Errors the task's pipeline stopped on (each retry "
+                         "and each failure counts)")
+        resyncs = counter("cdcd_full_resyncs", "Snapshots redone after the source refused a "
+                          "partial resync")
         for task in list(self.manager.tasks.values()):
             tid = task.spec.task_id
             p = task.progress
             for s in STATES:
                 state.add_metric([tid, s], 1.0 if task.state.value == s else 0.0)
             keys.add_metric([tid], p.keys_done)
-            total.add_metric([tid], max(p.keys_total, p.keys_done))
+            expected.add_metric([tid], max(p.keys_total, p.keys_done))
+            skipped.add_metric([tid], p.keys_skipped)
             sbytes.add_metric([tid], p.snapshot_bytes)
             written.add_metric([tid], p.bytes_written)
             ops.add_metric([tid], p.ops_applied)
+            rate.add_metric([tid], p.ops_per_sec())
             retries.add_metric([tid], p.retries)
-            errors.add_metric([tid], p.full_resyncs)
+            errors.add_metric([tid], p.errors)
+            resyncs.add_metric([tid], p.full_resyncs)
             if task.spec.incremental:
                 lag_b.add_metric([tid], max(0, p.source_offset - p.applied_offset))
                 if p.lag_ms is not None:
                     lag_ms.add_metric([tid], p.lag_ms)
-        yield from (state, keys, total, sbytes, written, ops, lag_b, lag_ms, retries, errors)
+        yield from (state, keys, expected, skipped, sbytes, written, ops, rate, lag_b, lag_ms,
+                    retries, errors, resyncs)
+        verifications = GaugeMetricFamily("cdcd_verifications", "Verifications kept in "
+                                          "memory, by state", labels=["state"])
+        counts = self.manager.verifications.states()
+        for s in VERIFICATION_STATES:
+            verifications.add_metric([s], counts.get(s, 0))
+        yield verifications
 
 
 class Metrics:
     """One registry per daemon (no process-global metric state)."""
 
-    def __init__(self, manager: "Manager") -> None:
+    def __init__(self, manager: Manager) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("cdcd_api_requests", "API requests by request_type and code",
                                 ["request_type", "code"], registry=self.registry)

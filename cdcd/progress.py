@@ -22,6 +22,7 @@ class Progress:
     bytes_written: int = 0
     retries: int = 0
     full_resyncs: int = 0
+    errors: int = 0          # errors recorded in last_error (counted by its setter, below)
     last_error: str = ""
     last_checkpoint_at: str = ""
     reader: str = ""
@@ -53,6 +54,7 @@ class Progress:
             "ops_per_sec": self.ops_per_sec(),
             "bytes_written": self.bytes_written,
             "retries": self.retries,
+            "errors": self.errors,
             "full_resyncs": self.full_resyncs,
             "last_error": self.last_error,
             "last_checkpoint_at": self.last_checkpoint_at,
@@ -73,12 +75,30 @@ class Progress:
                 "keys_skipped": self.keys_skipped, "snapshot_bytes": self.snapshot_bytes,
                 "snapshot_done": self.snapshot_done, "ops_applied": self.ops_applied,
                 "bytes_written": self.bytes_written, "retries": self.retries,
-                "full_resyncs": self.full_resyncs, "last_error": self.last_error,
+                "full_resyncs": self.full_resyncs, "errors": self.errors,
+                "last_error": self.last_error,
                 "applied_offset": self.applied_offset,
                 "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> "Progress":
+    def from_record(cls, rec: dict[str, Any]) -> Progress:
         known = {k: v for k, v in rec.items() if k in cls.__dataclass_fields__ and
                  not k.startswith("_")}
         return cls(**known)
+
+
+def _get_last_error(self: Progress) -> str:
+    return str(self.__dict__.get("_last_error", ""))
+
+
+def _set_last_error(self: Progress, value: str) -> None:
+    # Count every error the pipeline records, so /metrics has a per-task error counter
+    # without each place that sets last_error keeping a second field in step. The first
+    # assignment (in __init__, restoring a record) is not an error seen now. A property
+    # rather than __setattr__, so the hot counters (keys_done, ...) stay plain attributes.
+    if value and "_last_error" in self.__dict__:
+        self.errors += 1
+    self.__dict__["_last_error"] = value
+
+
+Progress.last_error = property(_get_last_error, _set_last_error)  # type: ignore[assignment]

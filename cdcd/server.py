@@ -18,6 +18,8 @@ from .config import Config
 from .errors import AuthError, CdcdError, PayloadTooLarge, RequestError
 from .manager import Manager
 from .metrics import Metrics
+from .precheck import failed, run_prechecks
+from .spec import parse_spec
 from .store import Store
 
 log = logging.getLogger("cdcd.server")
@@ -56,8 +58,21 @@ async def op_list(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
     return {"tasks": [t.view() for t in m.list(state)]}
 
 
+def _task_or_verification(data: dict[str, Any]) -> str:
+    """Say which of task_id / verification_id a get or delete names (exactly one)."""
+    if "task_id" in data and "verification_id" in data:
+        raise RequestError("request_data.verification_id: give task_id or verification_id, "
+                           "not both")
+    return "verification_id" if "verification_id" in data else "task_id"
+
+
 async def op_get(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
-    _fields(data, {"task_id"})
+    _fields(data, {"task_id", "verification_id"})
+    if _task_or_verification(data) == "verification_id":
+        return {"verification": m.verifications.get(data["verification_id"]).view()}
+    if "task_id" not in data:
+        raise RequestError("request_data.task_id: required (a string), or "
+                           "request_data.verification_id")
     return {"task": m.get(data.get("task_id")).view()}
 
 
@@ -74,16 +89,32 @@ async def op_resume(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def op_delete(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
-    _fields(data, {"task_id", "ignore_not_found"})
+    _fields(data, {"task_id", "verification_id", "ignore_not_found"})
     ignore = data.get("ignore_not_found", False)
     if not isinstance(ignore, bool):
         raise RequestError("request_data.ignore_not_found: must be a boolean")
+    if _task_or_verification(data) == "verification_id":
+        vid = await m.verifications.delete(data["verification_id"], ignore)
+        return {"verification_id": vid}
     return {"task_id": await m.delete(data.get("task_id"), ignore)}
+
+
+async def op_precheck(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
+    """Run a task's prechecks for a spec without creating the task; failing checks are
+    the answer (HTTP 200), only an invalid spec is an error."""
+    spec = parse_spec(data)
+    checks = await run_prechecks(spec, fresh=True)
+    return {"checks": [c.to_json() for c in checks], "ok": not failed(checks)}
+
+
+async def op_verify(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
+    return {"verification_id": m.verify(data).id}
 
 
 OPERATIONS: dict[str, Handler] = {
     "create": op_create, "list": op_list, "get": op_get,
     "pause": op_pause, "resume": op_resume, "delete": op_delete,
+    "precheck": op_precheck, "verify": op_verify,
 }
 
 
