@@ -159,6 +159,8 @@ class Task:
                 wait = (spec.start_at - datetime.now(UTC)).total_seconds()
                 if wait > 0:
                     self.set_phase("scheduled")
+                    log.info("task %s: waiting until %s (start_at)", spec.task_id,
+                             spec.to_json(mask=True)["start_at"])
                     await self.persist()
                     await asyncio.sleep(wait)
             if self.state != State.RUNNING:
@@ -190,7 +192,10 @@ class Task:
                 self.progress.retries += 1
                 self.reason = f"retrying after: {exc.message}"
                 await self.persist()
-                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                wait = delay * (0.5 + random.random() / 2)
+                log.info("task %s: retry %d in %.1f s", self.spec.task_id,
+                         self.progress.retries, wait)
+                await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX)
 
     async def _pipeline(self) -> None:
