@@ -799,27 +799,24 @@ def _value_detail(t: str, sv: Any, dv: Any) -> str:
             return f"set member {render_key(min(s - d), 100)} missing on target"
         return f"set member {render_key(min(d - s), 100)} only on target"
     if t == "hash":
-        s_map, d_map = _pairs(sv), _pairs(dv)
-        if s_map == d_map:
-            return ""
-        for f in sorted(s_map):
-            if f not in d_map:
-                return f"hash field {render_key(f, 100)} missing on target"
-            if s_map[f] != d_map[f]:
-                return f"hash field {render_key(f, 100)} differs"
-        return f"hash field {render_key(min(set(d_map) - set(s_map)), 100)} only on target"
+        return _map_difference("hash field", _pairs(sv), _pairs(dv), "differs")
     if t == "zset":
-        sz = {m: float(v) for m, v in _pairs(sv).items()}
-        dz = {m: float(v) for m, v in _pairs(dv).items()}
-        if sz == dz:
-            return ""
-        for m in sorted(sz):
-            if m not in dz:
-                return f"zset member {render_key(m, 100)} missing on target"
-            if sz[m] != dz[m]:
-                return f"zset member {render_key(m, 100)} score differs"
-        return f"zset member {render_key(min(set(dz) - set(sz)), 100)} only on target"
+        return _map_difference("zset member", {m: float(v) for m, v in _pairs(sv).items()},
+                               {m: float(v) for m, v in _pairs(dv).items()}, "score differs")
     return ""
+
+
+def _map_difference(what: str, src: dict[bytes, Any], dst: dict[bytes, Any],
+                    differs: str) -> str:
+    """Describe the first difference between two field->value maps ('' when equal)."""
+    if src == dst:
+        return ""
+    for f in sorted(src):
+        if f not in dst:
+            return f"{what} {render_key(f, 100)} missing on target"
+        if src[f] != dst[f]:
+            return f"{what} {render_key(f, 100)} {differs}"
+    return f"{what} {render_key(min(set(dst) - set(src)), 100)} only on target"
 
 
 def _hash_chunk(flat: list[Any], found: Any) -> str:

@@ -179,27 +179,27 @@ class PsyncReader:
     async def _line(self, conn: Connection) -> bytes:
         """Read one status line, skipping the bare newlines a master sends as keep-alives."""
         while True:
-            try:
-                async with asyncio.timeout(HANDSHAKE_TIMEOUT * 4):
-                    line = await conn.reader.readline()
-            except asyncio.TimeoutError:
-                raise EndpointError(f"{self.name}: no answer to PSYNC") from None
-            except (ConnectionError, OSError) as exc:
-                raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
+            line = await self._io(conn.reader.readline(), HANDSHAKE_TIMEOUT * 4,
+                                  "no answer to PSYNC")
             if not line:
                 raise EndpointError(f"{self.name}: connection closed during the handshake")
             line = line.strip(b"\r\n")
             if line:
                 return line
 
-    async def _read(self, conn: Connection, n: int = READ_CHUNK) -> bytes:
+    async def _io(self, op: Awaitable[bytes], timeout: float, silent: str) -> bytes:
+        """Await a socket read, turning a timeout or a socket error into EndpointError."""
         try:
-            async with asyncio.timeout(STREAM_TIMEOUT):   # not wait_for: see resp.py
-                data = await conn.reader.read(n)
-        except asyncio.TimeoutError:
-            raise EndpointError(f"{self.name}: no data for {STREAM_TIMEOUT:g}s") from None
+            async with asyncio.timeout(timeout):   # not wait_for: see resp.py
+                return await op
+        except TimeoutError:
+            raise EndpointError(f"{self.name}: {silent}") from None
         except (ConnectionError, OSError) as exc:
             raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
+
+    async def _read(self, conn: Connection, n: int = READ_CHUNK) -> bytes:
+        data = await self._io(conn.reader.read(n), STREAM_TIMEOUT,
+                              f"no data for {STREAM_TIMEOUT:g}s")
         if not data:
             raise EndpointError(f"{self.name}: connection closed by the source")
         return data
