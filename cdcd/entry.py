@@ -5,6 +5,12 @@ Python objects to build and unpack):
 
     (RESTORE, db, key, expire_ms, payload)  expire_ms is absolute unix ms, 0 = no expiry
     (COMMAND, db, args)                     a replicated command, args a list of bytes
+    (RAW, db, segments, replies, ops, end_db)
+                                            replicated commands forwarded as the source sent
+                                            them: RESP byte segments starting in db ``db``
+                                            (SELECTs inside, ending in ``end_db``), answered
+                                            by ``replies`` replies, ``ops`` of them data
+                                            commands
 
 A Batch groups entries with the checkpoint that becomes durable once the target has
 acknowledged every entry of the batch (and of all batches before it).
@@ -16,6 +22,7 @@ from typing import Any
 
 RESTORE = 0
 COMMAND = 1
+RAW = 2
 
 Entry = tuple[Any, ...]
 

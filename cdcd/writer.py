@@ -13,7 +13,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .entry import RESTORE, Batch
+import hiredis
+
+from .entry import RAW, RESTORE, Batch
 from .errors import EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -87,7 +89,13 @@ class Writer:
                 selects.append(n)
                 n += 1
                 self.db = db
-            if entry[0] == RESTORE:
+            kind = entry[0]
+            if kind == RAW:
+                parts += entry[2]
+                n += entry[3]
+                self.db = entry[5]   # the SELECTs inside moved the connection
+                continue
+            if kind == RESTORE:
                 key, payload = entry[2], entry[4]
                 ttl = b"%d" % entry[3]
                 if len(payload) < INLINE_PAYLOAD:
@@ -129,7 +137,8 @@ class Writer:
                 break
         p = self.progress
         if p.snapshot_done:
-            p.ops_applied += len(batch.entries)
+            for entry in batch.entries:
+                p.ops_applied += entry[4] if entry[0] == RAW else 1
         else:
             for entry in batch.entries:
                 if entry[0] == RESTORE:
@@ -164,8 +173,17 @@ class Writer:
             if replies[pos].__class__ is ReplyError:
                 raise FatalTaskError(f"{self.conn.name}: SELECT failed: {replies[pos]}")
         skip = set(selects)
-        answers = (r for i, r in enumerate(replies) if i not in skip)
-        for entry, reply in zip(batch.entries, answers):
+        answers = iter([r for i, r in enumerate(replies) if i not in skip])
+        for entry in batch.entries:
+            if entry[0] == RAW:
+                raw_replies = [next(answers) for _ in range(entry[3])]
+                for i, reply in enumerate(raw_replies):
+                    if reply.__class__ is ReplyError:
+                        args = raw_command(entry[2], i)
+                        raise self._refused(f"{self.conn.name}: {show_args(args)} failed: "
+                                            f"{reply}", str(reply))
+                continue
+            reply = next(answers)
             if reply.__class__ is not ReplyError:
                 continue
             msg = str(reply)
@@ -176,6 +194,16 @@ class Writer:
                 raise self._refused(f"{self.conn.name}: RESTORE of key {show_key(entry[2])} "
                                     f"(db {self.db_map(entry[1])}) failed: {msg}", msg)
             raise self._refused(f"{self.conn.name}: {show_args(entry[2])} failed: {msg}", msg)
+
+
+def raw_command(segments: list[bytes], index: int) -> list[bytes]:
+    """Parse forwarded RESP bytes again to name the ``index``-th command (error path)."""
+    parser = hiredis.Reader()
+    parser.feed(b"".join(segments))
+    args: Any = None
+    for _ in range(index + 1):
+        args = parser.gets()
+    return list(args) if isinstance(args, list) and args else [b"?"]
 
 
 def show_key(key: bytes, limit: int = 80) -> str:
