@@ -18,6 +18,17 @@ Formats handled (see redis src/rdb.h and valkey src/rdb.h):
 * ``VALKEY080``/``VALKEY081`` (Valkey 9.x); there type 22 is Valkey's hash with field
   expiries and opcode 243 is SLOT_IMPORT.
 
+Big values: with ``big_value_bytes`` set, a value whose serialized size exceeds it is not
+buffered. The splitter decodes it instead and emits a :class:`BigValueStart`, then
+:class:`BigValueChunk` records with its elements as they arrive, then a
+:class:`BigValueEnd`; the reader turns them into chunked writes. Decoded: strings (raw
+ones streamed as they come, LZF ones expanded incrementally with an 8 KiB window, in
+pure Python: ~10x slower than raw), hashes, sets, zsets (types 3/5: scores as exact
+text), lists (quicklist nodes are decoded one node at a time) and single-blob encodings
+(listpack, ziplist, intset: a blob is held whole once; they only get big with raised
+``*-max-listpack-*`` settings). Streams, module values, zipmaps and hashes with field
+TTLs stay buffered whole, as does any single element (a 100 MB hash value) in a value.
+
 Anything else raises RdbError naming the byte offset: other versions (Redis 8.2+ and its
 new types and opcodes), module type 6 (cannot be delimited), the pre-GA FUNCTION opcode
 246, Valkey's path hash (type 23) and forkless-save UPDATE opcode (242), unknown bytes.
@@ -26,13 +37,17 @@ Module type 7 values and MODULE_AUX data are carried as opaque bytes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
 
 import anycrc
 
-__all__ = ["FunctionRecord", "KeyRecord", "RdbError", "RdbSplitter", "Record"]
+__all__ = ["BigValueChunk", "BigValueEnd", "BigValueStart", "FunctionRecord", "KeyRecord",
+           "RdbError", "RdbSplitter", "Record", "StreamGroup", "StreamMeta"]
 
 log = logging.getLogger("cdcd.rdb")
 
@@ -71,6 +86,14 @@ _OPCODES = (OP_SLOT_INFO, OP_FUNCTION2, OP_MODULE_AUX, OP_IDLE, OP_FREQ, OP_AUX,
 
 _TYPE_BYTE = [bytes((t,)) for t in range(256)]
 _BIG_VALUE = 1 << 16  # from this size on, build payloads with a single copy
+
+# Value types a big value can be decoded from, and the kind of value they hold.
+_BIG_KINDS = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset",
+              10: "list", 11: "set", 12: "zset", 13: "hash", 14: "list", 16: "hash",
+              17: "zset", 18: "list", 20: "set", 15: "stream", 19: "stream", 21: "stream"}
+_BIG_WINDOW = 1 << 18  # bytes of a big value decoded per feed() (see ``backlog``)
+_BIG_PIECE = 1 << 20  # a streamed big string is emitted in pieces of about this size
+_LZF_WINDOW = 8192  # an LZF back reference reaches at most this far back
 
 
 class RdbError(Exception):
@@ -127,7 +150,82 @@ class FunctionRecord:
         return f"FunctionRecord(code=<{len(self.code)} bytes>)"
 
 
-Record = KeyRecord | FunctionRecord
+class BigValueStart:
+    """A value over the splitter's threshold begins; its elements follow in
+    :class:`BigValueChunk` records, then a :class:`BigValueEnd`.
+
+    ``kind`` is what the value is: "string", "list", "set", "zset" or "hash"; ``size`` is
+    a string's length (0 for the others).
+    """
+
+    __slots__ = ("db", "expire_ms", "freq", "idle", "key", "kind", "rdb_type", "size")
+
+    def __init__(self, db: int, key: bytes, rdb_type: int, kind: str, size: int,
+                 expire_ms: int, idle: int | None, freq: int | None) -> None:
+        self.db = db
+        self.key = key
+        self.rdb_type = rdb_type
+        self.kind = kind
+        self.size = size
+        self.expire_ms = expire_ms
+        self.idle = idle
+        self.freq = freq
+
+    def __repr__(self) -> str:
+        return (f"BigValueStart(db={self.db}, key={self.key[:64]!r}, rdb_type={self.rdb_type}, "
+                f"kind={self.kind}, size={self.size}, expire_ms={self.expire_ms})")
+
+
+class BigValueChunk:
+    """The next decoded elements of a big value, in order: string pieces; list or set
+    members; hash field, value, field, value ...; zset member, score, ... (a score as
+    text that parses back to the same double); stream (id, [field, value, ...])."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __repr__(self) -> str:
+        return f"BigValueChunk(<{len(self.items)} items>)"
+
+
+@dataclass(kw_only=True)
+class StreamGroup:
+    """A consumer group of a big stream, as XINFO/XPENDING or the RDB describe it."""
+
+    name: bytes
+    last_id: bytes
+    entries_read: int | None = None     # Redis 7.0+, None when unknown
+    consumers: list[bytes] = field(default_factory=list)
+    # (entry id, consumer, last delivery unix ms, delivery count)
+    pending: list[tuple[bytes, bytes, int, int]] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class StreamMeta:
+    """What a stream holds besides its entries: id counters and consumer groups."""
+
+    last_id: bytes
+    entries_added: int | None = None    # Redis 7.0+
+    max_deleted_id: bytes | None = None  # Redis 7.0+
+    groups: list[StreamGroup] = field(default_factory=list)
+
+
+class BigValueEnd:
+    """The big value started by the last :class:`BigValueStart` is complete; a stream's
+    counters and groups come with it."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: StreamMeta | None = None) -> None:
+        self.stream = stream
+
+    def __repr__(self) -> str:
+        return f"BigValueEnd(stream={self.stream!r})"
+
+
+Record = KeyRecord | FunctionRecord | BigValueStart | BigValueChunk | BigValueEnd
 Buffer = bytes | bytearray
 Want = Callable[[int, bytes], bool]
 _Parse = Generator[int, None, int]  # yields the buffer index it needs, returns the end
@@ -362,6 +460,315 @@ def _skip_counted(item: Callable[[Buffer, int, int], int], buf: Buffer, p: int,
     return p
 
 
+def _string_end(buf: Buffer, p: int, n: int) -> int:
+    """Return the end of the RDB string at p, which may lie beyond n: only its header
+    must be in the buffer."""
+    if p >= n:
+        raise _NeedMore(p + 1)
+    b = buf[p]
+    if b < 0x40:
+        return p + 1 + b
+    if b < 0xC0:
+        size, q = _length(buf, p, n)
+        return q + size
+    if b <= 0xC2:
+        return p + 1 + (1, 2, 4)[b - 0xC0]
+    if b == 0xC3:
+        clen, q = _length(buf, p + 1, n)
+        return _length(buf, q, n)[1] + clen
+    raise _Corrupt(f"invalid string encoding 0x{b:02x}", p)
+
+
+class _LzfStream:
+    """Expand an LZF block fed in pieces, keeping only the last 8 KiB of output (the
+    farthest an LZF back reference reaches), so a huge compressed string streams."""
+
+    __slots__ = ("_rest", "_window", "produced", "size")
+
+    def __init__(self, size: int, pos: int) -> None:
+        self.size = size
+        self.produced = 0
+        self._window = b""
+        self._rest = b""
+
+    def feed(self, data: bytes, pos: int) -> bytes:
+        """Consume compressed bytes (at buffer index pos); return the output they
+        complete."""
+        src = self._rest + data if self._rest else data
+        out = bytearray(self._window)
+        start = len(out)
+        i = 0
+        n = len(src)
+        while i < n:
+            ctrl = src[i]
+            if ctrl < 32:  # literal run of ctrl + 1 bytes
+                e = i + 2 + ctrl
+                if e > n:
+                    break
+                out += src[i + 1:e]
+                i = e
+                continue
+            run = ctrl >> 5
+            j = i + 1
+            if run == 7:
+                if j >= n:
+                    break
+                run += src[j]
+                j += 1
+            if j >= n:
+                break
+            ref = len(out) - ((ctrl & 0x1F) << 8) - src[j] - 1
+            run += 2
+            if ref < 0:
+                raise _Corrupt("LZF back reference before the start", pos)
+            if ref + run <= len(out):
+                out += out[ref:ref + run]
+            else:  # overlapping copy: the last (len - ref) bytes repeat
+                period = bytes(out[ref:])
+                out += (period * (run // len(period) + 1))[:run]
+            i = j + 1
+        self._rest = bytes(src[i:])
+        produced = bytes(out[start:])
+        self._window = bytes(out[-_LZF_WINDOW:])
+        self.produced += len(produced)
+        if self.produced > self.size:
+            raise _Corrupt(f"LZF string expands beyond {self.size} bytes", pos)
+        return produced
+
+    def finish(self, pos: int) -> None:
+        if self._rest or self.produced != self.size:
+            raise _Corrupt(f"LZF string expands to {self.produced} bytes, expected "
+                           f"{self.size}", pos)
+
+
+# --- single-blob encodings, decoded into their elements (Redis renders ints as text) ---
+
+def _listpack_items(blob: bytes, pos: int) -> list[bytes]:
+    """The entries of a listpack (t_listpack.c): header, entries with back-lengths, 0xFF."""
+    out: list[bytes] = []
+    append = out.append
+    n = len(blob)
+    p = 6
+    try:
+        while True:
+            b = blob[p]
+            if b < 0x80:
+                append(b"%d" % b)
+                size = 1
+            elif b < 0xC0:
+                size = 1 + (b & 0x3F)
+                append(blob[p + 1:p + size])
+            elif b < 0xE0:
+                v = ((b & 0x1F) << 8) | blob[p + 1]
+                append(b"%d" % (v - 8192 if v >= 4096 else v))
+                size = 2
+            elif b < 0xF0:
+                size = 2 + (((b & 0x0F) << 8) | blob[p + 1])
+                append(blob[p + 2:p + size])
+            elif b == 0xF0:
+                size = 5 + int.from_bytes(blob[p + 1:p + 5], "little")
+                append(blob[p + 5:p + size])
+            elif 0xF1 <= b <= 0xF4:
+                width = (2, 3, 4, 8)[b - 0xF1]
+                size = 1 + width
+                append(b"%d" % int.from_bytes(blob[p + 1:p + size], "little", signed=True))
+            elif b == 0xFF:
+                break
+            else:
+                raise _Corrupt(f"invalid listpack entry encoding 0x{b:02x}", pos)
+            # back-length: 1..5 bytes, by the entry's size
+            p += size + (1 if size < 128 else 2 if size < 16383 else 3 if size < 2097151
+                         else 4 if size < 268435455 else 5)
+            if p >= n:
+                raise _Corrupt("listpack without its end byte", pos)
+    except IndexError:
+        raise _Corrupt("truncated listpack", pos) from None
+    return out
+
+
+_ZIPLIST_INTS = {0xC0: 2, 0xD0: 4, 0xE0: 8, 0xF0: 3, 0xFE: 1}
+
+
+def _ziplist_items(blob: bytes, pos: int) -> list[bytes]:
+    """The entries of a ziplist (ziplist.c, Redis < 7): header, entries, 0xFF."""
+    out: list[bytes] = []
+    append = out.append
+    p = 10
+    try:
+        while blob[p] != 0xFF:
+            p += 1 if blob[p] < 254 else 5  # previous entry's length
+            b = blob[p]
+            top = b >> 6
+            if top == 0:
+                e = p + 1 + (b & 0x3F)
+                append(blob[p + 1:e])
+            elif top == 1:
+                e = p + 2 + (((b & 0x3F) << 8) | blob[p + 1])
+                append(blob[p + 2:e])
+            elif top == 2:
+                e = p + 5 + int.from_bytes(blob[p + 1:p + 5], "big")
+                append(blob[p + 5:e])
+            elif b in _ZIPLIST_INTS:
+                e = p + 1 + _ZIPLIST_INTS[b]
+                append(b"%d" % int.from_bytes(blob[p + 1:e], "little", signed=True))
+            elif 0xF1 <= b <= 0xFD:
+                e = p + 1
+                append(b"%d" % ((b & 0x0F) - 1))
+            else:
+                raise _Corrupt(f"invalid ziplist entry encoding 0x{b:02x}", pos)
+            if e > len(blob):
+                raise IndexError
+            p = e
+    except IndexError:
+        raise _Corrupt("truncated ziplist", pos) from None
+    return out
+
+
+def _intset_items(blob: bytes, pos: int) -> list[bytes]:
+    """The members of an intset: width, count, little-endian integers."""
+    width = int.from_bytes(blob[0:4], "little")
+    count = int.from_bytes(blob[4:8], "little")
+    if width not in (2, 4, 8) or len(blob) < 8 + width * count:
+        raise _Corrupt("malformed intset", pos)
+    return [b"%d" % int.from_bytes(blob[i:i + width], "little", signed=True)
+            for i in range(8, 8 + width * count, width)]
+
+
+_BLOB_DECODERS: dict[int, Callable[[bytes, int], list[bytes]]] = {
+    10: _ziplist_items, 12: _ziplist_items, 13: _ziplist_items,
+    16: _listpack_items, 17: _listpack_items, 20: _listpack_items, 11: _intset_items,
+}
+
+
+# --- element readers of big values: (data, index, length, items) -> index after ---
+
+def _item_string(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    s, e = _read_string(buf, p, n)
+    items.append(s)
+    return e
+
+
+def _item_pair(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    b = buf[p] if p < n else 0xFF
+    if b < 0x40:  # the usual short plain field: inline
+        q = p + 1 + b
+        if q < n and buf[q] < 0x40:
+            e = q + 1 + buf[q]
+            if e <= n:
+                items.append(buf[p + 1:q])
+                items.append(buf[q + 1:e])
+                return e
+    f, q = _read_string(buf, p, n)
+    v, e = _read_string(buf, q, n)
+    items.append(f)
+    items.append(v)
+    return e
+
+
+def _item_zset(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    """Member and score as a length-prefixed decimal string (type 3)."""
+    m, q = _read_string(buf, p, n)
+    if q >= n:
+        raise _NeedMore(q + 1)
+    b = buf[q]
+    if b >= 253:
+        score, e = (b"nan", b"inf", b"-inf")[b - 253], q + 1
+    else:
+        e = q + 1 + b
+        if e > n:
+            raise _NeedMore(e)
+        score = buf[q + 1:e]
+    items.append(m)
+    items.append(score)
+    return e
+
+
+_unpack_double = struct.Struct("<d").unpack_from
+
+
+def _item_zset2(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    """Member and 8-byte little-endian double (type 5); repr() is exact and parses back."""
+    m, q = _read_string(buf, p, n)
+    e = q + 8
+    if e > n:
+        raise _NeedMore(e)
+    items.append(m)
+    items.append(repr(_unpack_double(buf, q)[0]).encode())
+    return e
+
+
+def _item_ziplist_node(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    blob, e = _read_string(buf, p, n)
+    items += _ziplist_items(blob, p)
+    return e
+
+
+def _item_quicklist2_node(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    container, q = _length(buf, p, n)
+    blob, e = _read_string(buf, q, n)
+    if container == 1:  # PLAIN: one big element
+        items.append(blob)
+    elif container == 2:  # PACKED: a listpack
+        items += _listpack_items(blob, q)
+    else:
+        raise _Corrupt(f"unknown quicklist container {container}", p)
+    return e
+
+
+@functools.cache
+def _fixed_bytes(size: int) -> Callable[[Buffer, int, int], tuple[bytes, int]]:
+    """A reader of ``size`` raw bytes."""
+    def read(buf: Buffer, p: int, n: int) -> tuple[bytes, int]:
+        e = p + size
+        if e > n:
+            raise _NeedMore(e)
+        return bytes(buf[p:e]), e
+    return read
+
+
+def _stream_id(raw: bytes | bytearray) -> bytes:
+    """A 16-byte big-endian stream ID (ms, seq) as text."""
+    return b"%d-%d" % (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
+
+
+def _item_stream_node(buf: bytes, p: int, n: int, items: list[Any]) -> int:
+    """One listpack node of a stream (t_stream.c): its live entries as (id, fields)."""
+    master, q = _read_string(buf, p, n)
+    blob, e = _read_string(buf, q, n)
+    if len(master) != 16:
+        raise _Corrupt("stream node key is not a 16-byte ID", p)
+    lp = _listpack_items(blob, q)
+    ms0 = int.from_bytes(master[:8], "big")
+    seq0 = int.from_bytes(master[8:], "big")
+    try:
+        nf = int(lp[2])
+        fields = lp[3:3 + nf]
+        i = 4 + nf  # count, deleted, num-fields, the fields, a 0 ending the master entry
+        while i < len(lp):
+            flags = int(lp[i])
+            entry_id = b"%d-%d" % (ms0 + int(lp[i + 1]), seq0 + int(lp[i + 2]))
+            if flags & 2:  # SAMEFIELDS: values only, the master entry's fields
+                values = lp[i + 3:i + 3 + nf]
+                i += 4 + nf  # ... and the entry's lp-count
+                pairs = [x for fv in zip(fields, values) for x in fv]
+            else:
+                k = int(lp[i + 3])
+                pairs = lp[i + 4:i + 4 + 2 * k]
+                i += 5 + 2 * k
+            if not flags & 1:  # not DELETED
+                items.append((entry_id, pairs))
+    except (IndexError, ValueError):
+        raise _Corrupt("malformed stream listpack", q) from None
+    return e
+
+
+_BIG_ITEMS: dict[int, Callable[[bytes, int, int, list[Any]], int]] = {
+    1: _item_string, 2: _item_string, 4: _item_pair, 3: _item_zset, 5: _item_zset2,
+    14: _item_ziplist_node, 18: _item_quicklist2_node,
+    15: _item_stream_node, 19: _item_stream_node, 21: _item_stream_node,
+}
+
+
 # Composite types that are a plain counted sequence: tried without a generator first.
 _SIMPLE_ITEMS: dict[int, Callable[[Buffer, int, int], int]] = {
     1: _skip_string, 2: _skip_string, 14: _skip_string, 18: _skip_quicklist2_node,
@@ -372,7 +779,10 @@ _SIMPLE_ITEMS: dict[int, Callable[[Buffer, int, int], int]] = {
 class RdbSplitter:
     """Split an RDB byte stream, fed in chunks, into key and function records."""
 
-    def __init__(self, *, want: Want | None = None, payload_version: int | None = None) -> None:
+    def __init__(self, *, want: Want | None = None, payload_version: int | None = None,
+                 big_value_bytes: int = 0) -> None:
+        """``big_value_bytes``: values whose serialized size exceeds it are emitted as
+        BigValue* records instead of a KeyRecord (0: never; the reader sets the policy)."""
         self.done = False
         self.version = 0
         self.magic = ""
@@ -398,11 +808,25 @@ class RdbSplitter:
         self._pending: tuple[int, bytes, int, int, int, int | None, int | None, bool] | None = None
         self._rest = bytearray()
         self._error: RdbError | None = None
+        # A big value being decoded: its generator, where its records go, whether wanted.
+        self._big_bytes = big_value_bytes
+        self._big: _Parse | None = None
+        self._big_out: list[Record] = []
+        self._big_wanted = True
+        self._big_paused = False
+        self.big_values = 0
 
     @property
     def bytes_consumed(self) -> int:
         """Bytes of the stream consumed so far (the whole RDB once ``done``)."""
         return self._base + self._pos
+
+    @property
+    def backlog(self) -> bool:
+        """A big value has buffered bytes left to decode: call ``feed(b"")`` for the
+        records of its next window. (Each call decodes at most ~256 KiB of a big value, so
+        the elements a caller holds at once stay bounded.)"""
+        return self._big is not None and self._big_paused
 
     @property
     def buffered(self) -> int:
@@ -530,6 +954,8 @@ class RdbSplitter:
             return
         if self._gen is not None and not self._resume(out):
             return
+        if self._big is not None and not self._run_big(out):
+            return
         # Read from an immutable copy: slicing bytes costs one allocation, not two.
         # Parsing only starts once the bytes the last stop asked for are there, so
         # a large incomplete record is not copied over and over.
@@ -544,7 +970,9 @@ class RdbSplitter:
         pack_crc = _pack_crc
         new_record = KeyRecord
         simple = _SIMPLE_ITEMS
-        big_value = _BIG_VALUE
+        big = self._big_bytes or (1 << 62)
+        big_value = min(_BIG_VALUE, big + 1)
+        big_kinds = _BIG_KINDS
         k_string, k_value, k_opcode, k_unsupported = _K_STRING, _K_VALUE, _K_OPCODE, _K_UNSUPPORTED
         emit = out.append
         db = self._db
@@ -583,10 +1011,12 @@ class RdbSplitter:
                             # LZF: short compressed length, plain length, compressed bytes
                             e = q + (3 if data[q + 2] < 0x40 else 4) + data[q + 1]
                         else:
-                            e = _skip_string(data, q, n)
+                            e = _string_end(data, q, n)
                         if e > n:
-                            need = e
-                            break
+                            if t != 0 or e - q <= big:
+                                need = e
+                                break
+                            e = -1  # a big string: streamed as it arrives
                     else:
                         item = simple.get(t)
                         e = -1
@@ -608,7 +1038,20 @@ class RdbSplitter:
                             self._expire = -1
                             self._idle = self._freq = None
                             if not self._resume(out):
-                                self._detach()
+                                if self._gen is not None:
+                                    self._detach()
+                                return
+                            p = self._pos
+                            expire = -1
+                            idle = freq = None
+                            continue
+                    if (e < 0 or e - q > big) and t in big_kinds:
+                        wanted = want is None or want(db, key)
+                        if e < 0 or wanted:
+                            self.keys_seen += seen
+                            seen = 0
+                            if not self._begin_big(out, db, key, t, q, expire, idle, freq,
+                                                   wanted):
                                 return
                             p = self._pos
                             expire = -1
@@ -697,11 +1140,20 @@ class RdbSplitter:
         except StopIteration as stop:
             end: int = stop.value
         else:
+            db, key, t, start, expire, idle, freq, wanted = pending
+            if 0 < self._big_bytes < len(self._buf) - start and t in _BIG_KINDS:
+                # Too big to buffer: decode it from its start instead, as it arrives.
+                gen.close()
+                self._gen = None
+                self._pending = None
+                return self._begin_big(out, db, key, t, start, expire, idle, freq, wanted)
             self._need = self._base + need
             return False
         db, key, t, start, expire, idle, freq, wanted = pending
         self._gen = None
         self._pending = None
+        if wanted and 0 < self._big_bytes < end - start and t in _BIG_KINDS:
+            return self._begin_big(out, db, key, t, start, expire, idle, freq, wanted)
         self.keys_seen += 1
         if wanted:
             if end - start < _BIG_VALUE:
@@ -712,6 +1164,220 @@ class RdbSplitter:
             out.append(KeyRecord(db, key, t, payload, expire, idle, freq))
         self._pos = end
         return True
+
+    # --- big values: decoded from self._pos, which is all they keep between stops, so
+    # the bytes they consumed can be dropped while they wait for more ---
+
+    def _begin_big(self, out: list[Record], db: int, key: bytes, t: int, q: int, expire: int,
+                   idle: int | None, freq: int | None, wanted: bool) -> bool:
+        """Start decoding the big value of type t at buffer index q; return True when it
+        is already complete."""
+        self.keys_seen += 1
+        self.big_values += 1
+        self._pos = q
+        self._db = db
+        self._expire = -1
+        self._idle = self._freq = None
+        self._big_wanted = wanted
+        size = 0
+        if t == 0:
+            buf = self._buf
+            if buf[q] == 0xC3:
+                size = _length(buf, _length(buf, q + 1, len(buf))[1], len(buf))[0]
+            else:
+                size = _length(buf, q, len(buf))[0]
+        start = (BigValueStart(db, key, t, _BIG_KINDS[t], size, expire, idle, freq)
+                 if wanted else None)
+        log.debug("big value of type %d (key %r): decoded as it arrives", t, key[:64])
+        self._big = self._big_value(t, start)
+        return self._run_big(out)
+
+    def _run_big(self, out: list[Record]) -> bool:
+        """Run the big value's decoder; return True once the value is complete."""
+        assert self._big is not None
+        self._big_out = out
+        self._big_paused = False
+        try:
+            need = next(self._big)
+        except StopIteration:
+            self._big = None
+            self._big_out = []
+            return True
+        self._need = self._base + need
+        return False
+
+    def _pause(self) -> int:
+        """Stop after this window although more bytes are buffered (see ``backlog``)."""
+        self._big_paused = True
+        return self._pos
+
+    def _copy(self, start: int, size: int) -> bytes:
+        with memoryview(self._buf) as view:
+            part = view[start:start + size]
+            data = bytes(part)
+            part.release()
+        return data
+
+    def _big_value(self, t: int, start: BigValueStart | None) -> _Parse:
+        if start is not None:
+            self._big_out.append(start)
+        meta = None
+        if t == 0:
+            yield from self._big_string()
+        elif t in _BIG_ITEMS:
+            yield from self._big_items(_BIG_ITEMS[t])
+            if t in (15, 19, 21):
+                meta = yield from self._big_stream_meta(t)
+        else:
+            yield from self._big_blob(_BLOB_DECODERS[t])
+        if start is not None:
+            self._big_out.append(BigValueEnd(meta))
+        return self._pos
+
+    def _big_string(self) -> _Parse:
+        """Emit a string's bytes as they arrive (LZF ones expanded on the way)."""
+        buf = self._buf
+        p = self._pos
+        lzf: _LzfStream | None = None
+        if buf[p] == 0xC3:
+            left, q = _length(buf, p + 1, len(buf))
+            size, q = _length(buf, q, len(buf))
+            if self._big_wanted:
+                lzf = _LzfStream(size, p)
+        else:
+            left, q = _length(buf, p, len(buf))
+        self._pos = q
+        while True:
+            p = self._pos
+            avail = len(self._buf) - p
+            take = min(avail, left, _BIG_PIECE)
+            if take > 0:
+                if self._big_wanted:
+                    piece = self._copy(p, take)
+                    if lzf is not None:
+                        piece = lzf.feed(piece, p)
+                    if piece:
+                        self._big_out.append(BigValueChunk([piece]))
+                self._pos = p + take
+                left -= take
+            if not left:
+                break
+            if take < avail:
+                yield self._pause()
+            else:
+                yield self._pos + min(left, _BIG_PIECE)
+        if lzf is not None:
+            lzf.finish(self._pos)
+        return self._pos
+
+    def _big_items(self, read: Callable[[bytes, int, int, list[bytes]], int]) -> _Parse:
+        """Emit a counted sequence's elements, a pass over the buffered bytes at a time."""
+        while True:
+            buf = self._buf
+            try:
+                count, self._pos = _length(buf, self._pos, len(buf))
+                break
+            except _NeedMore as exc:
+                yield exc.need
+        wanted = self._big_wanted
+        more = 0  # bytes the next element needs from the pass's start
+        while count:
+            base = self._pos
+            avail = len(self._buf) - base
+            size = min(avail, max(_BIG_WINDOW, more))
+            data = self._copy(base, size)
+            items: list[bytes] = []
+            p = 0
+            need = -1
+            try:
+                while count:
+                    p = read(data, p, size, items)
+                    count -= 1
+            except _NeedMore as exc:
+                need = exc.need
+            except _Corrupt as exc:
+                raise _Corrupt(exc.what, base + exc.pos) from None
+            self._pos = base + p
+            if items and wanted:
+                self._big_out.append(BigValueChunk(items))
+            if need >= 0:
+                more = need - p
+                if size < avail and p:  # only the window ended: the rest next time
+                    yield self._pause()
+                elif size >= avail:
+                    yield base + need
+        return self._pos
+
+    def _big_read(self, read: Callable[[Buffer, int, int], tuple[Any, int]]
+                  ) -> Generator[int, None, Any]:
+        """Read one primitive at self._pos, waiting for its bytes."""
+        while True:
+            buf = self._buf
+            try:
+                value, self._pos = read(buf, self._pos, len(buf))
+                return value
+            except _NeedMore as exc:
+                yield exc.need
+
+    def _big_stream_meta(self, t: int) -> Generator[int, None, StreamMeta]:
+        """A stream's counters and consumer groups, after its nodes (rdbLoadObject).
+
+        Each group's PEL (id, delivery time, count) and its consumers' PELs (ids) are
+        joined into (id, consumer, time, count); held whole: PELs are small in practice.
+        """
+        length = _length
+        yield from self._big_read(length)  # number of entries
+        last = b"%d-%d" % ((yield from self._big_read(length)),
+                           (yield from self._big_read(length)))
+        meta = StreamMeta(last_id=last)
+        if t >= 19:
+            for _ in range(2):  # first id: recomputed by the target
+                yield from self._big_read(length)
+            meta.max_deleted_id = b"%d-%d" % ((yield from self._big_read(length)),
+                                              (yield from self._big_read(length)))
+            meta.entries_added = yield from self._big_read(length)
+        groups = yield from self._big_read(length)
+        for _ in range(groups):
+            name = yield from self._big_read(_read_string)
+            gid = b"%d-%d" % ((yield from self._big_read(length)),
+                              (yield from self._big_read(length)))
+            group = StreamGroup(name=name, last_id=gid)
+            if t >= 19:
+                read = yield from self._big_read(length)
+                group.entries_read = None if read >= (1 << 63) else read
+            pel: dict[bytes, tuple[int, int]] = {}
+            for _ in range((yield from self._big_read(length))):
+                raw = yield from self._big_read(_fixed_bytes(24))
+                count = yield from self._big_read(length)
+                pel[raw[:16]] = (int.from_bytes(raw[16:24], "little", signed=True), count)
+            for _ in range((yield from self._big_read(length))):
+                consumer = yield from self._big_read(_read_string)
+                yield from self._big_read(_fixed_bytes(8 if t < 21 else 16))  # seen/active
+                group.consumers.append(consumer)
+                for _ in range((yield from self._big_read(length))):
+                    raw = yield from self._big_read(_fixed_bytes(16))
+                    delivered, count = pel.get(bytes(raw), (0, 0))
+                    group.pending.append((_stream_id(raw), consumer, delivered, count))
+            meta.groups.append(group)
+        return meta
+
+    def _big_blob(self, decode: Callable[[bytes, int], list[bytes]]) -> _Parse:
+        """Decode a single-blob encoding (listpack, ziplist, intset) once it is whole."""
+        while True:
+            buf = self._buf
+            try:
+                blob, e = _read_string(buf, self._pos, len(buf))
+                break
+            except _NeedMore as exc:
+                yield exc.need
+        pos = self._pos
+        self._pos = e
+        if self._big_wanted:
+            items = decode(blob, pos)
+            del blob
+            for i in range(0, len(items), 4096):
+                self._big_out.append(BigValueChunk(items[i:i + 4096]))
+        return e
 
     def _detach(self) -> None:
         """Drop the bytes before an incomplete composite value and restart its parser.
