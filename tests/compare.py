@@ -228,6 +228,7 @@ def write_commands(c: "redis.Redis[bytes]") -> dict[str, int]:
                 "xinfo|groups", "xinfo|stream", "xinfo|consumers", "xpending", "exists",
                 "dbsize", "config", "config|get", "config|resetstat", "client", "hello",
                 "command", "command|docs", "client|setinfo", "client|setname", "memory",
+                "memory|usage", "getrange", "hscan", "sscan",
                 "object", "object|encoding", "pexpiretime", "strlen", "hlen", "llen", "scard",
                 "zcard", "xlen", "keys", "randomkey", "echo", "time", "role", "psync",
                 "replconf", "sync", "acl", "acl|whoami", "client|list", "client|kill",

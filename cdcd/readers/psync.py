@@ -23,9 +23,18 @@ import hiredis
 from ..entry import COMMAND, RESTORE, Batch, Entry
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
-from ..rdb import FunctionRecord, KeyRecord, RdbError, RdbSplitter
+from ..rdb import (
+    BigValueChunk,
+    BigValueEnd,
+    BigValueStart,
+    FunctionRecord,
+    KeyRecord,
+    RdbError,
+    RdbSplitter,
+)
 from ..resp import Connection, ServerReplyError, encode
 from ..spec import TaskSpec
+from .bigkey import BIG_VALUE_BYTES, CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 from .keys import CommandFilter
 
 log = logging.getLogger("cdcd.reader.psync")
@@ -206,7 +215,14 @@ class PsyncReader:
 
     # --- the RDB ----------------------------------------------------------------------------
 
-    async def _read_rdb(self, conn: Connection, out: "asyncio.Queue[Batch | None]") -> None:
+    # A value bigger than this in the RDB is decoded as it arrives and written in chunks
+    # through a temporary key (readers/bigkey.py); class attributes, so that a test can
+    # lower them on one reader.
+    big_value_bytes = BIG_VALUE_BYTES
+    chunk_bytes = CHUNK_BYTES
+    chunk_elements = CHUNK_ELEMENTS
+
+    async def _read_rdb(self, conn: Connection, out: asyncio.Queue[Batch | None]) -> None:
         header = await self._line(conn)
         if not header.startswith(b"$"):
             raise EndpointError(f"{self.name}: expected an RDB, got {header[:80]!r}")
@@ -216,7 +232,9 @@ class PsyncReader:
         if flt.by_key or flt.dbs is not None:
             def want(db: int, key: bytes) -> bool:
                 return flt.db_ok(db) and flt.key_ok(key)
-        splitter = RdbSplitter(want=want)
+        splitter = RdbSplitter(want=want, big_value_bytes=self.big_value_bytes)
+        big: BigKey | None = None     # the big value being copied in chunks
+        big_expire = 0
         eof_mark: bytes | None = None
         remaining = -1
         if header.startswith(b"$EOF:"):
@@ -236,18 +254,44 @@ class PsyncReader:
                         self._buf = data[remaining:]
                         data = data[:remaining]
                     remaining -= len(data)
-                for rec in splitter.feed(data):
-                    if rec.__class__ is KeyRecord:
-                        if seen is not None:
-                            seen.add(key_hash(rec.db, rec.key))  # type: ignore[union-attr]
-                        entries.append((RESTORE, rec.db, rec.key,  # type: ignore[union-attr]
-                                        max(rec.expire_ms, 0), rec.payload))  # type: ignore[union-attr]
-                        nbytes += len(rec.payload)  # type: ignore[union-attr]
-                    elif isinstance(rec, FunctionRecord):
-                        entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE", rec.code]))
-                if len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES:
-                    await out.put(Batch(entries, None, nbytes, len(entries)))
-                    entries, nbytes = [], 0
+                records = splitter.feed(data)
+                while True:
+                    for rec in records:
+                        if type(rec) is KeyRecord:
+                            if seen is not None:
+                                seen.add(key_hash(rec.db, rec.key))
+                            entries.append((RESTORE, rec.db, rec.key, max(rec.expire_ms, 0),
+                                            rec.payload))
+                            nbytes += len(rec.payload)
+                        elif type(rec) is BigValueChunk:
+                            assert big is not None
+                            nbytes += big.add_chunk(rec.items, entries)
+                        elif isinstance(rec, FunctionRecord):
+                            entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE",
+                                                         rec.code]))
+                        elif isinstance(rec, BigValueStart):
+                            if seen is not None:
+                                seen.add(key_hash(rec.db, rec.key))
+                            big = BigKey(rec.db, rec.key, rec.kind, task_id=spec.task_id,
+                                         replace=spec.existing_keys != "skip", size=rec.size,
+                                         chunk_bytes=self.chunk_bytes,
+                                         chunk_elements=self.chunk_elements)
+                            big_expire = max(rec.expire_ms, 0)
+                            nbytes += big.begin(entries)
+                        elif isinstance(rec, BigValueEnd):
+                            assert big is not None
+                            nbytes += big.finish(big_expire, entries, rec.stream)
+                            self._big_copied(big)
+                            # Send the tail now: the batch with the stream position is wrapped
+                            # in the writer's MULTI, and the tail may hold a MULTI of its own.
+                            await out.put(Batch(entries, None, nbytes, len(entries)))
+                            entries, nbytes, big = [], 0, None
+                    if len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES:
+                        await out.put(Batch(entries, None, nbytes, len(entries)))
+                        entries, nbytes = [], 0
+                    if not splitter.backlog:
+                        break
+                    records = splitter.feed(b"")  # a big value: its next window
                 if remaining == 0 and not splitter.done:
                     raise EndpointError(f"{self.name}: RDB ended before its EOF opcode")
         except RdbError as exc:
@@ -265,6 +309,13 @@ class PsyncReader:
         await out.put(Batch(entries, pos, nbytes, len(entries)))
         if self.after_rdb is not None:
             await self.after_rdb(seen)
+
+    def _big_copied(self, big: BigKey) -> None:
+        # The writer counts RESTOREs as keys; a chunked key is counted here, once queued.
+        self.progress.keys_done += 1
+        self.progress.snapshot_bytes += big.bytes
+        log.info("%s: big %s %r (db %d) copied in chunks: %d elements, %d bytes", self.name,
+                 big.kind, big.key[:80], big.db, big.elements, big.bytes)
 
     # --- the command stream -----------------------------------------------------------------
 
