@@ -248,3 +248,44 @@ def test_scripts_replicated_verbatim_by_an_older_source(servers: Any, daemon: Da
     # The scripts reached the target as scripts (EVALSHA sent as EVAL with its body).
     stats = dst.client().info("commandstats")
     assert stats["cmdstat_eval"]["calls"] >= 40, stats.get("cmdstat_eval")
+
+
+def test_command_the_target_rejects_fails_the_task_naming_it(servers: Any,
+                                                            daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="rej"))
+    wait_for(lambda: daemon.task("rej")["phase"] == "incremental", 30, what="stream phase")
+    src.client().set("cnt", 1)
+    wait_for(lambda: dst.client().get("cnt") == b"1", 10, what="cnt on the target")
+    dst.client().delete("cnt")
+    dst.client().rpush("cnt", "diverged")         # someone wrote to the target directly
+    src.client().incr("cnt")
+    failed = daemon.wait_state("rej", "Failed")
+    assert "'cnt'" in failed["reason"] and "WRONGTYPE" in failed["reason"]
+
+
+def test_stream_honours_filter_and_db_mapping(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="f", filter={
+        "dbs": [0, 1], "include_prefixes": ["keep:"], "exclude_prefixes": ["keep:tmp:"]},
+        db_mapping={"1": 3}))
+    wait_for(lambda: daemon.task("f")["phase"] == "incremental", 30, what="stream phase")
+    s0, s1, s2 = src.client(0), src.client(1), src.client(2)
+    s0.mset({"keep:a": 1, "drop:a": 1, "keep:tmp:x": 1})
+    s0.set("keep:b", 2)
+    s0.delete("keep:b", "drop:a")
+    s0.incr("keep:n")
+    s1.rpush("keep:l", 1, 2, 3)
+    s1.set("drop:b", 1)
+    s2.set("keep:other-db", 1)
+    with s0.pipeline(transaction=True) as p:
+        p.incr("keep:n")
+        p.set("drop:c", 1)
+        p.execute()
+    s0.set("keep:last", 1)
+    d0, d3 = dst.client(0), dst.client(3)
+    wait_for(lambda: d0.get("keep:last") == b"1", 15, what="the last write")
+    assert set(d0.keys()) == {b"keep:a", b"keep:n", b"keep:last", b"cdcd:checkpoint:f"}
+    assert d0.get("keep:n") == b"2"
+    assert set(d3.keys()) == {b"keep:l"} and d3.lrange("keep:l", 0, -1) == [b"1", b"2", b"3"]
+    assert dst.client(1).dbsize() == 0 and dst.client(2).dbsize() == 0

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
-from collections import deque
 import logging
 import time
+import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 
-from ..entry import COMMAND, RESTORE, Batch, Entry
+from ..entry import COMMAND, RAW, RESTORE, Batch, Entry
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
 from ..rdb import (
@@ -61,7 +61,7 @@ class StreamPos:
         return {"replid": self.replid, "offset": self.offset, "db": self.db}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any] | None) -> "StreamPos | None":
+    def from_json(cls, d: dict[str, Any] | None) -> StreamPos | None:
         if not d or not d.get("replid"):
             return None
         return cls(replid=str(d["replid"]), offset=int(d["offset"]), db=int(d.get("db", 0)))
@@ -123,7 +123,7 @@ class PsyncReader:
 
     # --- the link ---------------------------------------------------------------------------
 
-    async def run(self, out: "asyncio.Queue[Batch | None]") -> None:
+    async def run(self, out: asyncio.Queue[Batch | None]) -> None:
         conn = await Connection.open(self.host, self.port, role="source", ep=self.spec.source)
         self.conn = conn
         try:
@@ -326,16 +326,30 @@ class PsyncReader:
             await conn.drain()
             await asyncio.sleep(ACK_EVERY)
 
-    async def _stream(self, conn: Connection, out: "asyncio.Queue[Batch | None]") -> None:
-        """Turn the command stream into batches, each ending on a command boundary."""
+    async def _stream(self, conn: Connection, out: asyncio.Queue[Batch | None]) -> None:
+        """Turn the command stream into batches, each ending on a command boundary.
+
+        Without a key filter or db mapping the batch forwards the source's own bytes (one
+        RAW entry of byte ranges between the commands we drop: PING, REPLCONF, MULTI/EXEC,
+        heartbeats); otherwise each command becomes a COMMAND entry, filtered and mapped.
+        """
         parser = hiredis.Reader()
         gets = parser.gets
+        raw = self.filter.trivial
+        start = self.offset     # offset where the current batch began
+        buf = bytearray()       # with raw: the stream's bytes from ``start`` on
         if self._buf:
             parser.feed(self._buf)
+            if raw:
+                buf += self._buf
             self._buf = b""
-        received = self.offset + 0
+        received = self.offset + len(buf)
         entries: list[Entry] = []
-        start = self.offset     # offset where the current batch began
+        pieces: list[tuple[int, int] | bytes] = []   # raw: byte ranges and rewritten commands
+        span = start            # raw: where the run of forwarded commands began
+        replies = 0             # raw: commands forwarded (each gets a reply)
+        ops = 0
+        start_db = self.db
         in_multi: list[Entry] | None = None
         flt = self.filter
         beat = self.heartbeat_channel
@@ -344,11 +358,20 @@ class PsyncReader:
             args = gets()
             if args is False:
                 if offset != start and in_multi is None:
+                    if raw:
+                        if span < offset:
+                            pieces.append((span, offset))
+                        entries = self._raw_entry(buf, start, pieces, start_db, replies, ops,
+                                                  self.db)
+                        del buf[:offset - start]
+                        pieces, span, replies, ops, start_db = [], offset, 0, 0, self.db
                     self.offset = start = offset
                     await self._emit(out, entries)
                     entries = []
                 data = await self._read(conn)
                 parser.feed(data)
+                if raw:
+                    buf += data
                 received += len(data)
                 if received > self.progress.source_offset:
                     self.progress.source_offset = received
@@ -356,45 +379,67 @@ class PsyncReader:
             if args.__class__ is not list or not args:
                 raise EndpointError(f"{self.name}: unexpected data in the stream: "
                                     f"{str(args)[:80]}")
+            begin = offset
             offset += command_size(args)
             name = args[0].lower()
+            if name == b"select":
+                self.db = int(args[1])
+                replies += 1        # forwarded as it is when raw
+                continue
             if name == b"publish" and len(args) == 3 and args[1] == beat:
                 self.offset = offset
                 self._beat(args[2])
-                continue
-            if name == b"select":
-                self.db = int(args[1])
-                continue
-            if name == b"ping" or name == b"replconf":
+            elif name == b"ping" or name == b"replconf":
                 if name == b"replconf" and len(args) > 1 and args[1].lower() == b"getack":
                     conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
-                continue
-            if name == b"multi":
+            elif name == b"multi":
                 in_multi = []
-                continue
-            if name == b"exec":
+            elif name == b"exec":
                 if in_multi is not None:
                     entries.extend(in_multi)
                 in_multi = None
+            elif raw:
+                ops += 1
+                replies += 1
+                if name == b"eval" or name == b"evalsha" or name == b"script":
+                    rewritten = self._script(args)
+                    if rewritten is not args:
+                        pieces += [(span, begin), encode(rewritten)]
+                        span = offset
                 continue
-            if name == b"eval" or name == b"evalsha" or name == b"script":
-                args = self._script(args)
-            target = in_multi if in_multi is not None else entries
-            if flt.trivial:
-                target.append((COMMAND, self.db, args))
             else:
+                if name == b"eval" or name == b"evalsha" or name == b"script":
+                    args = self._script(args)
+                target = in_multi if in_multi is not None else entries
                 for db, cmd in flt.apply(self.db, args):
                     target.append((COMMAND, db, cmd))
-            if in_multi is None and (len(entries) >= BATCH_ENTRIES or
-                                     offset - start >= BATCH_BYTES):
-                self.offset = start = offset
-                await self._emit(out, entries)
-                entries = []
+                if in_multi is None and (len(entries) >= BATCH_ENTRIES or
+                                         offset - start >= BATCH_BYTES):
+                    self.offset = start = offset
+                    await self._emit(out, entries)
+                    entries = []
+                continue
+            # A command cdcd consumes itself: the raw run of forwarded bytes ends before it.
+            if raw:
+                if span < begin:
+                    pieces.append((span, begin))
+                span = offset
 
-    async def _emit(self, out: "asyncio.Queue[Batch | None]", entries: list[Entry]) -> None:
+    @staticmethod
+    def _raw_entry(buf: bytearray, start: int, pieces: list[tuple[int, int] | bytes],
+                   db: int, replies: int, ops: int, end_db: int) -> list[Entry]:
+        """Cut the forwarded byte ranges out of ``buf`` (which begins at offset ``start``)."""
+        if not replies:
+            return []
+        segments = [bytes(buf[p[0] - start:p[1] - start]) if isinstance(p, tuple) else p
+                    for p in pieces if not isinstance(p, tuple) or p[0] < p[1]]
+        return [(RAW, db, segments, replies, ops, end_db)]
+
+    async def _emit(self, out: asyncio.Queue[Batch | None], entries: list[Entry]) -> None:
         pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db)
         self.pending.append((self.offset, time.monotonic()))
         await out.put(Batch(entries, pos, 0, 0))
+        await asyncio.sleep(0)   # let the API and other tasks in between batches
 
     def _script(self, args: list[bytes]) -> list[bytes]:
         """Remember script bodies so a verbatim EVALSHA can be sent as EVAL."""
