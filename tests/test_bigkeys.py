@@ -213,6 +213,32 @@ def test_commands_are_chunked_and_the_tail_is_atomic() -> None:
     assert [e[2][0] for e in out] == [b"DEL"]  # nothing built: nothing renamed
 
 
+@pytest.mark.parametrize("kind", ["hash", "list", "zset"])
+def test_chunks_keep_every_element_in_order_and_within_limits(kind: str) -> None:
+    rnd = random.Random(kind)
+    step = 1 if kind == "list" else 2
+    for _ in range(30):
+        limit_bytes, limit_items = rnd.randint(1, 400), rnd.randint(1, 9)
+        b = BigKey(0, b"k", kind, task_id="t", replace=True, chunk_bytes=limit_bytes,
+                   chunk_elements=limit_items)
+        items = [rnd.randbytes(rnd.choice([0, 1, 5, 50, 300])) for _ in range(step * 200)]
+        out: list[Any] = []
+        pos = 0
+        while pos < len(items):   # pieces of any size, pairs cut anywhere
+            size = rnd.randint(0, 40)
+            b.add_chunk(items[pos:pos + size], out)
+            pos += size
+        b.finish(0, out)
+        adds = [e[2][2:] for e in out if e[2][0] in (b"HSET", b"RPUSH", b"ZADD")]
+        if kind == "zset":   # back to member, score order
+            adds = [[x for i in range(0, len(a), 2) for x in (a[i + 1], a[i])] for a in adds]
+        assert [x for a in adds for x in a] == items
+        for a in adds:
+            assert 0 < len(a) <= limit_items * step and len(a) % step == 0
+            # over the byte limit only by the element (pair) that crossed it
+            assert sum(map(len, a[:-step])) < limit_bytes
+
+
 # --- both readers, every type -------------------------------------------------------------
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

@@ -206,20 +206,35 @@ class BigKey:
         (hash: f, v, f, v ...; zset: member, score, member, score ... with scores as
         text ZADD parses exactly). Return what the commands added cost (see ITEM_COST)."""
         step = _STEP[self.kind]
-        n = 0
-        pending = self._items
-        size = self._item_bytes
-        limit_bytes = self.chunk_bytes
         limit_items = self.chunk_elements * step
-        for item in items:
-            pending.append(item)
-            size += len(item)
-            if (size >= limit_bytes or len(pending) >= limit_items) and \
-                    len(pending) % step == 0:
-                    n += self._flush_items(out, size)
-                    pending = self._items
-                    size = 0
-        self._item_bytes = size
+        limit_bytes = self.chunk_bytes
+        n = 0
+        i = 0
+        total = len(items)
+        while i < total:
+            pending = self._items
+            piece = items[i:i + limit_items - len(pending)]
+            size = sum(map(len, piece))
+            if self._item_bytes + size < limit_bytes:   # the usual case: whole slices
+                pending.extend(piece)
+                self._item_bytes += size
+                i += len(piece)
+                if len(pending) >= limit_items:
+                    n += self._flush_items(out, self._item_bytes)
+                continue
+            # The byte limit falls inside this slice: up to it (whole pairs), item by item.
+            acc = self._item_bytes
+            j = 0
+            while j < len(piece):
+                acc += len(piece[j])
+                j += 1
+                if acc >= limit_bytes and (len(pending) + j) % step == 0:
+                    break
+            pending.extend(piece[:j])
+            self._item_bytes = acc
+            i += j
+            if acc >= limit_bytes and len(pending) % step == 0:
+                n += self._flush_items(out, acc)
         return n
 
     def _flush_items(self, out: list[Entry], size: int) -> int:
@@ -230,10 +245,9 @@ class BigKey:
         self._item_bytes = 0
         step = _STEP[self.kind]
         if self.kind == "zset":   # ZADD wants score before member
-            args = [b"ZADD", self.tmp]
-            for i in range(0, len(pending), 2):
-                args.append(pending[i + 1])
-                args.append(pending[i])
+            args = [b"ZADD", self.tmp, *pending]
+            args[2::2] = pending[1::2]
+            args[3::2] = pending[0::2]
         else:
             args = [_ADD[self.kind], self.tmp, *pending]
         out.append((COMMAND, self.db, args))
