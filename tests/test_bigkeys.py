@@ -92,7 +92,7 @@ def fill_big(c: redis.Redis[bytes]) -> None:
         c.xadd(b"big:stream", {b"other": b"fields", BIN: BIN})
     c.xdel(b"big:stream", ids[0], ids[10], ids[1500])
     c.xgroup_create(b"big:stream", b"g1", id=b"0")
-    c.xreadgroup(b"g1", b"alice", {b"big:stream": b">"}, count=40)
+    c.xreadgroup(b"g1", b"alice", {b"big:stream": b">"}, count=150)  # > 1 XPENDING page
     c.xreadgroup(b"g1", b"bob", {b"big:stream": b">"}, count=7)
     c.xreadgroup(b"g1", b"alice", {b"big:stream": b"0"}, count=5)  # delivered twice
     c.xack(b"big:stream", b"g1", ids[1], ids[2])

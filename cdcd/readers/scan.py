@@ -363,7 +363,7 @@ class ScanSnapshot:
             await sink.flush()
             if len(page) < count:
                 break
-            start = b"(" + page[-1][0]
+            start = _next_id(page[-1][0])
         info_raw, groups_raw = await self._call([b"XINFO", b"STREAM", key],
                                                 [b"XINFO", b"GROUPS", key])
         info = _pairs(info_raw)
@@ -389,7 +389,7 @@ class ScanSnapshot:
                 await sink.flush()
                 if len(page) < count:
                     break
-                start = b"(" + page[-1][0]
+                start = _next_id(page[-1][0])
 
 
 class _Sink:
@@ -406,6 +406,14 @@ class _Sink:
                              len(self.entries) >= BATCH_ENTRIES):
             await self.out.put(Batch(self.entries, self.ckpt, self.nbytes, 0))
             self.entries, self.nbytes = [], 0
+
+
+def _next_id(entry_id: bytes) -> bytes:
+    """The stream ID right after ``entry_id`` (an exclusive "(" range needs Redis 6.2)."""
+    ms, _, seq = entry_id.partition(b"-")
+    if int(seq) < (1 << 64) - 1:
+        return b"%s-%d" % (ms, int(seq) + 1)
+    return b"%d-0" % (int(ms) + 1)
 
 
 def _pairs(flat: list[Any]) -> dict[bytes, Any]:
