@@ -780,9 +780,15 @@ class RdbSplitter:
     """Split an RDB byte stream, fed in chunks, into key and function records."""
 
     def __init__(self, *, want: Want | None = None, payload_version: int | None = None,
-                 big_value_bytes: int = 0) -> None:
+                 big_value_bytes: int = 0,
+                 key_record: Callable[[int, bytes, int, bytes, int, int | None, int | None],
+                                      Any] | None = None) -> None:
         """``big_value_bytes``: values whose serialized size exceeds it are emitted as
-        BigValue* records instead of a KeyRecord (0: never; the reader sets the policy)."""
+        BigValue* records instead of a KeyRecord (0: never; the reader sets the policy).
+        ``key_record(db, key, rdb_type, payload, expire_ms, idle, freq)`` builds what is
+        emitted for a key instead of a KeyRecord (the psync reader builds its entry tuple
+        directly: one object per key less on the hottest path)."""
+        self._new_record = key_record or KeyRecord
         self.done = False
         self.version = 0
         self.magic = ""
@@ -968,7 +974,7 @@ class RdbSplitter:
         type_byte = _TYPE_BYTE
         crc64 = _crc64
         pack_crc = _pack_crc
-        new_record = KeyRecord
+        new_record = self._new_record
         simple = _SIMPLE_ITEMS
         big = self._big_bytes or (1 << 62)
         big_value = min(_BIG_VALUE, big + 1)
@@ -1161,7 +1167,7 @@ class RdbSplitter:
                 payload = body + _crc64(body).to_bytes(8, "little")
             else:
                 payload = self._big_payload(t, start, end)
-            out.append(KeyRecord(db, key, t, payload, expire, idle, freq))
+            out.append(self._new_record(db, key, t, payload, expire, idle, freq))
         self._pos = end
         return True
 

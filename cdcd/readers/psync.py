@@ -28,7 +28,6 @@ from ..rdb import (
     BigValueEnd,
     BigValueStart,
     FunctionRecord,
-    KeyRecord,
     RdbError,
     RdbSplitter,
 )
@@ -232,7 +231,8 @@ class PsyncReader:
         if flt.by_key or flt.dbs is not None:
             def want(db: int, key: bytes) -> bool:
                 return flt.db_ok(db) and flt.key_ok(key)
-        splitter = RdbSplitter(want=want, big_value_bytes=self.big_value_bytes)
+        splitter = RdbSplitter(want=want, big_value_bytes=self.big_value_bytes,
+                               key_record=restore_entry)
         big: BigKey | None = None     # the big value being copied in chunks
         big_expire = 0
         eof_mark: bytes | None = None
@@ -257,12 +257,11 @@ class PsyncReader:
                 records = splitter.feed(data)
                 while True:
                     for rec in records:
-                        if type(rec) is KeyRecord:
+                        if type(rec) is tuple:     # (RESTORE, db, key, expire_ms, payload)
+                            entries.append(rec)
+                            nbytes += len(rec[4])
                             if seen is not None:
-                                seen.add(key_hash(rec.db, rec.key))
-                            entries.append((RESTORE, rec.db, rec.key, max(rec.expire_ms, 0),
-                                            rec.payload))
-                            nbytes += len(rec.payload)
+                                seen.add(key_hash(rec[1], rec[2]))
                         elif type(rec) is BigValueChunk:
                             assert big is not None
                             nbytes += big.add_chunk(rec.items, entries)
@@ -484,6 +483,12 @@ class PsyncReader:
         nonce, _, stamp = payload.partition(b" ")
         if nonce == self.nonce and stamp.isdigit():
             self.heartbeats.append((self.offset, int(stamp) / 1e9))
+
+
+def restore_entry(db: int, key: bytes, rdb_type: int, payload: bytes, expire_ms: int,
+                  idle: int | None, freq: int | None) -> Entry:
+    """Build the writer's RESTORE entry straight from an RDB record."""
+    return (RESTORE, db, key, expire_ms if expire_ms > 0 else 0, payload)
 
 
 def key_hash(db: int, key: bytes) -> int:
