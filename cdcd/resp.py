@@ -23,6 +23,7 @@ log = logging.getLogger("cdcd.resp")
 
 Arg = bytes | str | int | float
 ReplyError = hiredis.ReplyError
+pack = hiredis.pack_command
 CONNECT_TIMEOUT = 10.0
 
 
@@ -45,29 +46,18 @@ def _b(arg: Arg) -> bytes:
 
 
 def encode(args: Sequence[Arg]) -> bytes:
-    """Encode one command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = _b(a)
-        parts.append(b"$%d\r\n" % len(b))
-        parts.append(b)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+    """Encode one command as a RESP array of bulk strings (in C, by hiredis)."""
+    try:
+        return pack(tuple(args))
+    except TypeError:   # bytearray, memoryview, bool: hiredis takes str/int/float/bytes only
+        return pack(tuple(_b(a) for a in args))
 
 
 def encode_into(out: list[bytes], args: Sequence[bytes]) -> int:
-    """Append one command's RESP parts to ``out``; return the bytes added (args are bytes)."""
-    n = 0
-    head = b"*%d\r\n" % len(args)
-    out.append(head)
-    n += len(head)
-    for b in args:
-        h = b"$%d\r\n" % len(b)
-        out.append(h)
-        out.append(b)
-        out.append(b"\r\n")
-        n += len(h) + len(b) + 2
-    return n
+    """Append one command's RESP encoding to ``out``; return its size."""
+    data = encode(args)
+    out.append(data)
+    return len(data)
 
 
 def tls_context() -> ssl.SSLContext:

@@ -140,12 +140,11 @@ class Writer:
             for entry in batch.entries:
                 p.ops_applied += entry[4] if entry[0] == RAW else 1
         else:
+            # Snapshot commands (big-key chunks, FUNCTION LOAD) are not replicated ops.
             for entry in batch.entries:
                 if entry[0] == RESTORE:
                     p.keys_done += 1
                     p.snapshot_bytes += len(entry[4])
-                else:
-                    p.ops_applied += 1
         return batch
 
     async def _exec_replies(self, batch: Batch, n: int, selects: list[int]) -> list[Any]:
