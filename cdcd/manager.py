@@ -16,6 +16,9 @@ from .verify import Verification
 
 log = logging.getLogger("cdcd.manager")
 
+# Periodic checkpoints wait this long so that the checkpoints of other tasks share a write.
+LAZY_FLUSH = 0.25
+
 
 class Manager:
     def __init__(self, store: Store, *, max_tasks: int = 100) -> None:
@@ -25,10 +28,10 @@ class Manager:
         self._ops = asyncio.Lock()   # one lifecycle operation at a time
         self.verifications = Verifications()
 
-    async def _persist(self, task: Task) -> None:
+    async def _persist(self, task: Task, lazy: bool = False) -> None:
         if self.tasks.get(task.spec.task_id) is task:
             self.store.put(task.spec.task_id, task.to_record())
-            await self.store.flush()
+            await self.store.flush(delay=LAZY_FLUSH if lazy else 0.0)
 
     async def start(self) -> None:
         """Load every stored task and restart the ones that were Running or Initial."""

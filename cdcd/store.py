@@ -89,9 +89,15 @@ class Store:
         if self._tasks.pop(task_id, None) is not None:
             self._gen += 1
 
-    async def flush(self) -> None:
-        """Return once everything put so far is on disk."""
+    async def flush(self, *, delay: float = 0.0) -> None:
+        """Return once everything put so far is on disk.
+
+        ``delay`` lets changes of other tasks made meanwhile ride along in the same write:
+        periodic checkpoints of many tasks then cost a few writes a second, not one each.
+        """
         wanted = self._gen
+        if delay:
+            await asyncio.sleep(delay)
         async with self._lock:
             if self._written >= wanted:
                 return

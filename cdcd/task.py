@@ -53,7 +53,7 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
 
 
-PersistFn = Callable[["Task"], Awaitable[None]]
+PersistFn = Callable[["Task", bool], Awaitable[None]]
 
 
 class Task:
@@ -104,9 +104,10 @@ class Task:
             "prechecks": self.prechecks,
         }
 
-    async def persist(self) -> None:
+    async def persist(self, *, lazy: bool = False) -> None:
+        """Save the task's record; ``lazy`` (periodic checkpoints) may share a write."""
         self._dirty = False
-        await self.persist_fn(self)
+        await self.persist_fn(self, lazy)
 
     def set_state(self, state: State, *, reason: str = "", phase: str | None = None) -> None:
         if state != self.state and state not in TRANSITIONS[self.state]:
@@ -416,7 +417,7 @@ class Task:
             self.progress.sample()
             if self._dirty:
                 self.progress.last_checkpoint_at = now_iso()
-                await self.persist()
+                await self.persist(lazy=True)
 
 
 async def remove_stale_keys(spec: TaskSpec, seen: set[int], marker: bytes) -> int:

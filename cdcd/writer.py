@@ -31,6 +31,8 @@ RESTORE_REPLACE = (b"*6\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\
 RESTORE_KEEP = (b"*5\r\n$7\r\nRESTORE\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
                 b"$6\r\nABSTTL\r\n")
 INLINE_PAYLOAD = 64 * 1024
+MERGE_ENTRIES = 4096            # bounds for folding queued stream batches into one
+MERGE_BYTES = 4 << 20
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
@@ -58,19 +60,47 @@ class Writer:
 
     async def run(self, queue: asyncio.Queue[Batch | None], on_ack: AckFn) -> None:
         """Consume batches until a None arrives; acknowledge each once the target has it."""
+        held: list[Batch | None] = []   # taken from the queue while merging, not merged
         while True:
-            if self.inflight and queue.empty():
+            if self.inflight and queue.empty() and not held:
                 # Nothing new to send: acknowledge what is in flight instead of waiting.
                 await on_ack(await self.collect())
                 continue
-            batch = await queue.get()
+            batch = held.pop() if held else await queue.get()
             if batch is None:
                 break
+            batch = self._merge_queued(batch, queue, held)
             await self.send(batch)
             while len(self.inflight) >= self.max_inflight:
                 await on_ack(await self.collect())
         while self.inflight:
             await on_ack(await self.collect())
+
+    def _merge_queued(self, batch: Batch, queue: asyncio.Queue[Batch | None],
+                      held: list[Batch | None]) -> Batch:
+        """Fold batches already waiting into this one, so a busy stream of small batches
+        costs one transaction (and one checkpoint write on the target) per round trip.
+
+        Only batches that carry a checkpoint marker are merged: those are stream batches,
+        which never hold a MULTI of their own; anything else taken from the queue meanwhile
+        goes to ``held`` and is sent on its own next.
+        """
+        if self.marker is None or self.marker(batch.checkpoint) is None:
+            return batch
+        entries: list[Any] | None = None
+        nbytes, checkpoint = batch.nbytes, batch.checkpoint
+        while not queue.empty() and nbytes < MERGE_BYTES and \
+                len(entries or batch.entries) < MERGE_ENTRIES:
+            nxt = queue.get_nowait()
+            if nxt is None or self.marker(nxt.checkpoint) is None:
+                held.append(nxt)
+                break
+            if entries is None:
+                entries = list(batch.entries)
+            entries += nxt.entries
+            nbytes += nxt.nbytes
+            checkpoint = nxt.checkpoint
+        return batch if entries is None else Batch(entries, checkpoint, nbytes, batch.keys)
 
     async def send(self, batch: Batch) -> None:
         parts: list[bytes] = []
