@@ -10,9 +10,8 @@ MULTI that is discarded (never executed); a refusal leaves an entry in its ACL L
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import logging
 import math
 import os

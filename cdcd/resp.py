@@ -48,9 +48,10 @@ def _b(arg: Arg) -> bytes:
 def encode(args: Sequence[Arg]) -> bytes:
     """Encode one command as a RESP array of bulk strings (in C, by hiredis)."""
     try:
-        return pack(tuple(args))
+        data: bytes = pack(tuple(args))  # type: ignore[arg-type]
     except TypeError:   # bytearray, memoryview, bool: hiredis takes str/int/float/bytes only
-        return pack(tuple(_b(a) for a in args))
+        data = pack(tuple(_b(a) for a in args))  # type: ignore[arg-type]
+    return data
 
 
 def encode_into(out: list[bytes], args: Sequence[bytes]) -> int:

@@ -254,7 +254,8 @@ class PsyncReader:
                         self._buf = data[remaining:]
                         data = data[:remaining]
                     remaining -= len(data)
-                records = splitter.feed(data)
+                # Key records are entry tuples here (key_record=restore_entry).
+                records: list[Any] = splitter.feed(data)
                 while True:
                     for rec in records:
                         if type(rec) is tuple:     # (RESTORE, db, key, expire_ms, payload)
