@@ -535,17 +535,10 @@ class Verification:
         """Compare lengths, then small values in one pipeline, then big ones in chunks."""
         items = [(t, k) for t, keys in by_type.items() for k in keys]
         cmds: list[list[Arg]] = [[_LENGTH[t], k] for t, k in items]
-        sr, dr = await self._pair(cmds, cmds)
-        diffs: list[Diff] = []
+        pairs, diffs = await self._read_pairs(db, items, cmds, [_LENGTH[t] for t, _ in items])
         small: list[tuple[str, bytes, int]] = []
         big: list[tuple[str, bytes, int]] = []
-        for (t, key), sl, dl in zip(items, sr, dr):
-            try:
-                sl = self._check(self.src, sl, _LENGTH[t])
-                dl = self._check(self.dst, dl, _LENGTH[t])
-            except _Changed as exc:
-                diffs.append(Diff("value_mismatch", db, key, f"changed while compared: {exc}"))
-                continue
+        for (t, key), sl, dl in pairs:
             if sl != dl:
                 diffs.append(Diff("value_mismatch", db, key,
                                   f"{t} of {sl} {_UNIT[t]} on source, {dl} on target"))
@@ -574,6 +567,23 @@ class Verification:
                 diffs.append(Diff("value_mismatch", db, key, detail))
         return diffs
 
+    async def _read_pairs(self, db: int, items: list[tuple[str, bytes]],
+                          cmds: list[list[Arg]], names: list[str]
+                          ) -> tuple[list[tuple[tuple[str, bytes], Any, Any]], list[Diff]]:
+        """Run ``cmds`` on both sides; return the checked (item, source, target) replies and
+        a difference for each key that changed type or vanished while it was compared."""
+        sr, dr = await self._pair(cmds, cmds)
+        pairs: list[tuple[tuple[str, bytes], Any, Any]] = []
+        diffs: list[Diff] = []
+        for item, sv, dv, name in zip(items, sr, dr, names):
+            try:
+                pairs.append((item, self._check(self.src, sv, name),
+                              self._check(self.dst, dv, name)))
+            except _Changed as exc:
+                diffs.append(Diff("value_mismatch", db, item[1],
+                                  f"changed while compared: {exc}"))
+        return pairs, diffs
+
     async def _compare_small(self, db: int, items: list[tuple[str, bytes]]) -> list[Diff]:
         read: dict[str, list[Arg]] = {"string": ["GET"], "hash": ["HGETALL"], "set": ["SMEMBERS"],
                 "zset": ["ZRANGE", 0, -1, "WITHSCORES"], "list": ["LRANGE", 0, -1]}
@@ -582,15 +592,8 @@ class Verification:
             cmd = read[t]
             cmds.append([cmd[0], key, *cmd[1:]])
         names = {t: _s(cmd[0]) for t, cmd in read.items()}
-        sr, dr = await self._pair(cmds, cmds)
-        diffs: list[Diff] = []
-        for (t, key), sv, dv in zip(items, sr, dr):
-            try:
-                sv = self._check(self.src, sv, names[t])
-                dv = self._check(self.dst, dv, names[t])
-            except _Changed as exc:
-                diffs.append(Diff("value_mismatch", db, key, f"changed while compared: {exc}"))
-                continue
+        pairs, diffs = await self._read_pairs(db, items, cmds, [names[t] for t, _ in items])
+        for (t, key), sv, dv in pairs:
             detail = _value_detail(t, sv, dv)
             if detail:
                 diffs.append(Diff("value_mismatch", db, key, detail))
