@@ -289,3 +289,20 @@ def test_stream_honours_filter_and_db_mapping(servers: Any, daemon: Daemon) -> N
     assert d0.get("keep:n") == b"2"
     assert set(d3.keys()) == {b"keep:l"} and d3.lrange("keep:l", 0, -1) == [b"1", b"2", b"3"]
     assert dst.client(1).dbsize() == 0 and dst.client(2).dbsize() == 0
+
+
+def test_wait_on_the_source_counts_cdcd_once_the_target_has_the_write(servers: Any,
+                                                                     daemon: Daemon) -> None:
+    # WAIT makes the source send REPLCONF GETACK; cdcd answers with the offset the target
+    # has acknowledged, so WAIT returning 1 means the write is on the target.
+    src, dst = servers(), servers()
+    daemon.ok("create", spec(src, dst, task_id="w"))
+    wait_for(lambda: daemon.task("w")["phase"] == "incremental", 30, what="stream phase")
+    c = src.client()
+    started = time.monotonic()
+    for i in range(5):
+        c.set(f"w:{i}", i)
+        assert c.execute_command("WAIT", 1, 5000) == 1
+        assert dst.client().get(f"w:{i}") == str(i).encode()
+    # Answered as soon as the target acknowledges, not at the next once-a-second ACK.
+    assert time.monotonic() - started < 2.5

@@ -118,6 +118,7 @@ class PsyncReader:
         self.heartbeat_channel = b"__cdcd_heartbeat__:" + spec.task_id.encode()
         self.nonce = uuid.uuid4().hex[:12].encode()   # ignore beats of an earlier process
         self.measured = False
+        self.getack = False
         self._buf = b""
 
     # --- the link ---------------------------------------------------------------------------
@@ -392,6 +393,7 @@ class PsyncReader:
             elif name == b"ping" or name == b"replconf":
                 if name == b"replconf" and len(args) > 1 and args[1].lower() == b"getack":
                     conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
+                    self.getack = True   # answer again once the target has caught up
             elif name == b"multi":
                 in_multi = []
             elif name == b"exec":
@@ -466,6 +468,10 @@ class PsyncReader:
     def acked(self, pos: StreamPos) -> None:
         """The target holds everything up to ``pos``: update ACKs and the measured lag."""
         self.applied = pos.offset
+        if self.getack and self.conn is not None:
+            # Someone runs WAIT on the source: tell it now, not at the next periodic ACK.
+            self.getack = False
+            self.conn.send(encode(["REPLCONF", "ACK", str(self.applied)]))
         now = time.monotonic()
         beat = None
         while self.heartbeats and self.heartbeats[0][0] <= pos.offset:
