@@ -14,6 +14,7 @@ value written by the feed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any
@@ -44,6 +45,7 @@ class NotificationFeed:
         self.dirty: dict[tuple[int, bytes], float] = {}   # (db, key) -> first seen at
         self.overflowed = False
         self.snapshot_done = asyncio.Event()
+        self.changed = asyncio.Event()
         self.sub: Connection | None = None
 
     async def subscribe(self) -> None:
@@ -92,6 +94,7 @@ class NotificationFeed:
                     self.overflowed = True
                     continue
                 self.dirty[(db, key)] = time.monotonic()
+                self.changed.set()
 
     async def run(self, out: asyncio.Queue[Batch | None]) -> None:
         """After the snapshot, copy notified keys again, batch by batch, forever."""
@@ -103,9 +106,10 @@ class NotificationFeed:
         try:
             while True:
                 if not self.dirty:
-                    await asyncio.sleep(0.005)
+                    self.changed.clear()
+                    await self.changed.wait()   # set by listen() when a key is notified
                     continue
-                batch = list(self.dirty.items())[:BATCH_KEYS]
+                batch = list(itertools.islice(self.dirty.items(), BATCH_KEYS))
                 for k, _ in batch:
                     del self.dirty[k]
                 await out.put(await self._read(conn, batch))
