@@ -209,7 +209,7 @@ class Task:
             source.close()
             raise
         try:
-            await self._precheck(source, target)
+            await self._precheck()
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
             self.progress.reader = reader
             if reader == "psync":
@@ -340,7 +340,7 @@ class Task:
         mb = self.spec.bandwidth_limit_mb
         return TokenBucket(mb * 1_000_000) if mb else None
 
-    async def _precheck(self, source: Connection, target: Connection) -> None:
+    async def _precheck(self) -> None:
         """Run every check; errors stop the task, warnings are only shown."""
         fresh = not self.checkpoint
         checks = await run_prechecks(self.spec, fresh=fresh)
