@@ -447,9 +447,43 @@ async def _psync_check(src: _Side, reader: str) -> Check:
                          f"+psync +replconf to the user or set reader to scan")
 
 
+# Commands the scan reader runs on the source: needed, and merely helpful.
+_SCAN_NEEDS = (["SCAN", "0"], ["DUMP", "cdcd-precheck"], ["PTTL", "cdcd-precheck"],
+               ["INFO", "keyspace"])
+_SCAN_HELPS = {"MEMORY": "big keys would be copied with one whole DUMP instead of in chunks",
+               "GETRANGE": "every string would be sized and dumped (slower)"}
+
+
+async def _scan_check(src: _Side) -> Check:
+    """Ask (ACL DRYRUN) whether the source lets our user run the scan reader's commands."""
+    name = "source.scan"
+    user = src.user
+    helps = [["MEMORY", "USAGE", "cdcd-precheck"], ["GETRANGE", "cdcd-precheck", "0", "1"]]
+    replies = await src.pipeline([["ACL", "DRYRUN", user, *c] for c in [*_SCAN_NEEDS, *helps]])
+    verdicts = [_dryrun_verdict(r) for r in replies]
+    unknown = next((v[1] for v in verdicts if v[0] == "unknown"), None)
+    refused = [(c[0], v[1]) for c, v in zip([*_SCAN_NEEDS, *helps], verdicts)
+               if v[0] == "refused"]
+    needed = [(c, why) for c, why in refused if c not in _SCAN_HELPS]
+    if needed:
+        return Check(name=name, status="error",
+                     message=f"{src.name} refuses " + "; ".join(f"{c} ({why})" for c, why in needed)
+                             + f" for user '{user}', which the scan reader needs")
+    if refused:
+        return Check(name=name, status="warning",
+                     message=f"{src.name} refuses " + "; ".join(
+                         f"{c} ({why}): {_SCAN_HELPS[c]}" for c, why in refused))
+    if unknown is not None:
+        return Check(name=name, status="warning",
+                     message=f"cannot verify that {src.name} allows SCAN, DUMP and PTTL for "
+                             f"user '{user}' ({unknown}); the task finds out when it starts")
+    return Check(name=name, status="ok",
+                 message=f"{src.name} allows the scan reader's commands for user '{user}'")
+
+
 async def _writable_check(dst: _Side) -> Check:
     """Require a master that accepts writes: not a replica, no unmet min-replicas, no
-    MISCONF, and (when ACL DRYRUN is allowed) a user that may RESTORE and DEL."""
+    MISCONF, and (when ACL DRYRUN is allowed) a user that may RESTORE, DEL and MSET."""
     name = "target.writable"
     role = dst.replication_role()
     if role != "master":
@@ -478,7 +512,8 @@ async def _writable_check(dst: _Side) -> Check:
         return Check(name=name, status="error", message=f"{dst.name}: " + "; ".join(problems))
     replies = await dst.pipeline([["ACL", "DRYRUN", dst.user, "RESTORE", "cdcd-precheck", "0",
                                    "x", "REPLACE"],
-                                  ["ACL", "DRYRUN", dst.user, "DEL", "cdcd-precheck"]])
+                                  ["ACL", "DRYRUN", dst.user, "DEL", "cdcd-precheck"],
+                                  ["ACL", "DRYRUN", dst.user, "MSET", "cdcd-precheck", "x"]])
     for reply in replies:
         verdict, reason = _dryrun_verdict(reply)
         if verdict == "refused":
@@ -680,6 +715,8 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
             plan.append(("dump_compatibility", lambda: _dump_check(src, dst)))
         if src.up and spec.reader in ("psync", "auto"):
             plan.append(("source.psync", lambda: _psync_check(src, spec.reader)))
+        if src.up and spec.reader == "scan":
+            plan.append(("source.scan", lambda: _scan_check(src)))
         if src.up:
             plan.append(("source.topology", lambda: _topology_check(src)))
         if dst.up:

@@ -202,11 +202,11 @@ def parse_info(raw: bytes | str) -> dict[str, str]:
     return out
 
 
-def keyspace(info: dict[str, str]) -> dict[int, int]:
-    """Return {db: keys} from a parsed INFO keyspace section."""
+def keyspace(info: dict[str, str], field: str = "keys") -> dict[int, int]:
+    """Return {db: keys} (or another counter: "expires") from a parsed INFO keyspace."""
     out: dict[int, int] = {}
     for k, v in info.items():
         if k.startswith("db") and k[2:].isdigit():
             fields = dict(p.split("=", 1) for p in v.split(",") if "=" in p)
-            out[int(k[2:])] = int(fields.get("keys", "0"))
+            out[int(k[2:])] = int(fields.get(field, "0"))
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import hiredis
 
-from .entry import RAW, RESTORE, Batch
+from .entry import RAW, RESTORE, STRINGS, Batch, string_payload
 from .errors import EndpointError, FatalTaskError, MigrationError
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -134,6 +134,17 @@ class Writer:
                     encode_into(parts, [b"RESTORE", key, ttl, payload,
                                         *([b"REPLACE", b"ABSTTL"] if self.replace
                                           else [b"ABSTTL"])])
+            elif kind == STRINGS:
+                pairs = entry[2]
+                if self.replace:
+                    # One MSET costs the target far less than a RESTORE per key.
+                    encode_into(parts, [b"MSET", *pairs])
+                else:
+                    # existing_keys skip: a RESTORE per key, BUSYKEY counted as skipped
+                    for i in range(0, len(pairs), 2):
+                        key, payload = pairs[i], string_payload(pairs[i + 1])
+                        append(restore % (len(key), key, 1, b"0", len(payload), payload))
+                    n += entry[3] - 1
             else:
                 encode_into(parts, entry[2])
             n += 1
@@ -168,13 +179,18 @@ class Writer:
         p = self.progress
         if p.snapshot_done:
             for entry in batch.entries:
-                p.ops_applied += entry[4] if entry[0] == RAW else 1
+                kind = entry[0]
+                p.ops_applied += entry[4] if kind == RAW else entry[3] if kind == STRINGS else 1
         else:
             # Snapshot commands (big-key chunks, FUNCTION LOAD) are not replicated ops.
             for entry in batch.entries:
-                if entry[0] == RESTORE:
+                kind = entry[0]
+                if kind == RESTORE:
                     p.keys_done += 1
                     p.snapshot_bytes += len(entry[4])
+                elif kind == STRINGS:
+                    p.keys_done += entry[3]
+                    p.snapshot_bytes += entry[4]
         return batch
 
     async def _exec_replies(self, batch: Batch, n: int, selects: list[int]) -> list[Any]:
@@ -212,6 +228,9 @@ class Writer:
                         raise self._refused(f"{self.conn.name}: {show_args(args)} failed: "
                                             f"{reply}", str(reply))
                 continue
+            if entry[0] == STRINGS:
+                self._check_strings(entry, answers)
+                continue
             reply = next(answers)
             if reply.__class__ is not ReplyError:
                 continue
@@ -223,6 +242,26 @@ class Writer:
                 raise self._refused(f"{self.conn.name}: RESTORE of key {show_key(entry[2])} "
                                     f"(db {self.db_map(entry[1])}) failed: {msg}", msg)
             raise self._refused(f"{self.conn.name}: {show_args(entry[2])} failed: {msg}", msg)
+
+
+    def _check_strings(self, entry: Any, answers: Any) -> None:
+        pairs, db = entry[2], self.db_map(entry[1])
+        if self.replace:
+            reply = next(answers)
+            if reply.__class__ is ReplyError:
+                raise self._refused(f"{self.conn.name}: MSET of {entry[3]} keys (db {db}, first "
+                                    f"{show_key(pairs[0])}) failed: {reply}", str(reply))
+            return
+        for i in range(0, len(pairs), 2):
+            reply = next(answers)
+            if reply.__class__ is not ReplyError:
+                continue
+            msg = str(reply)
+            if msg.startswith("BUSYKEY"):
+                self.progress.keys_skipped += 1
+                continue
+            raise self._refused(f"{self.conn.name}: RESTORE of key {show_key(pairs[i])} "
+                                f"(db {db}) failed: {msg}", msg)
 
 
 def raw_command(segments: list[bytes], index: int) -> list[bytes]:

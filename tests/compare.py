@@ -231,7 +231,7 @@ def write_commands(c: "redis.Redis[bytes]") -> dict[str, int]:
                 "memory|usage", "getrange", "hscan", "sscan",
                 "object", "object|encoding", "pexpiretime", "strlen", "hlen", "llen", "scard",
                 "zcard", "xlen", "keys", "randomkey", "echo", "time", "role", "psync",
-                "replconf", "sync", "acl", "acl|whoami", "client|list", "client|kill",
+                "replconf", "sync", "acl", "acl|whoami", "acl|dryrun", "client|list", "client|kill",
                 "client|id"}
     for name, v in stats.items():
         cmd = name.removeprefix("cmdstat_").lower()

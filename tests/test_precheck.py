@@ -414,3 +414,30 @@ async def test_refused_info_becomes_errors_not_exceptions(servers: Servers) -> N
                  "target.writable"):
         assert checks[name].status == "ok", checks[name].message
     assert "Redis 7.0" in checks["source.version"].message
+
+
+async def test_scan_reader_rights(servers: Servers) -> None:
+    """The scan reader needs SCAN, DUMP and PTTL on the source; MEMORY USAGE and GETRANGE
+    only help. The target's user must also be allowed MSET (plain strings land by MSET)."""
+    src, dst = servers(), servers()
+    acl = src.client()
+    acl.execute_command("ACL", "SETUSER", "nodump", "on", ">pw", "~*", "+@all", "-dump")
+    acl.execute_command("ACL", "SETUSER", "noprobe", "on", ">pw", "~*", "+@all", "-getrange",
+                        "-memory")
+    dst.client().execute_command("ACL", "SETUSER", "nomset", "on", ">pw", "~*", "+@all",
+                                 "-mset")
+
+    async def checks(**kw: Any) -> dict[str, Check]:
+        return by_name(await run_prechecks(spec_for(src, dst, reader="scan", **kw)))
+
+    c = (await checks(source={"username": "nodump", "password": "pw"}))["source.scan"]
+    assert c.status == "error" and "refuses DUMP" in c.message and "'nodump'" in c.message
+    c = (await checks(source={"username": "noprobe", "password": "pw"}))["source.scan"]
+    assert c.status == "warning"
+    assert "MEMORY" in c.message and "GETRANGE" in c.message and "whole DUMP" in c.message
+    ok = await checks()
+    assert ok["source.scan"].status == "ok" and ok["target.writable"].status == "ok"
+    c = (await checks(target={"username": "nomset", "password": "pw"}))["target.writable"]
+    assert c.status == "error" and "mset" in c.message.lower()
+    # other readers do not run the scan reader's check
+    assert "source.scan" not in by_name(await run_prechecks(spec_for(src, dst, reader="psync")))

@@ -1,20 +1,19 @@
-"""Snapshot a source with SCAN + pipelined DUMP/PTTL (works wherever PSYNC is refused).
+"""Snapshot a source with SCAN + pipelined reads (works wherever PSYNC is refused).
 
-One round trip per batch, in a three-stage pipeline: each round trip carries the
-DUMP/PTTL of the keys the previous one sized, the ``MEMORY USAGE`` of the keys the
-previous SCAN returned, and the next SCAN. The checkpoint after a batch is (db, next
-cursor, dbs done): SCAN cursors are stateless on the server, so a restarted task
-continues where it was.
+Every round trip carries the next SCAN and the reads of the keys earlier SCANs returned:
+plain strings are read whole with GETRANGE, other keys sized with MEMORY USAGE and then
+DUMPed (see :class:`ScanSnapshot`). Strings without a TTL become one MSET per group on
+the target, everything else a RESTORE. The checkpoint after a batch is (db, cursor of the
+last SCAN reply whose keys are all queued, dbs done): SCAN cursors are stateless on the
+server, so a restarted task continues where it was.
 
-Big keys: ``MEMORY USAGE`` (default 5 samples: O(1) per key, exact for strings, an
-estimate for aggregates, and larger than the DUMP payload in practice) above
-``big_value_bytes`` sends a key down the chunked path instead of DUMP: it is read in
-windows (GETRANGE, LRANGE, ZRANGE ... WITHSCORES, HSCAN, SSCAN, XRANGE + XINFO/XPENDING)
-and rebuilt on the target in a temporary key (see ``bigkey``). Such a key is not read at
-one point in time: a change made to it during its copy may be copied in part (scan's
-snapshot is best effort anyway; an aggregate with one huge element among small ones may
-be estimated small and DUMPed whole). A source refusing MEMORY USAGE gets every key
-DUMPed whole, as before.
+Big keys: above ``big_value_bytes`` a key goes down the chunked path instead of DUMP: it is
+read in windows (GETRANGE, LRANGE, ZRANGE ... WITHSCORES, HSCAN, SSCAN, XRANGE +
+XINFO/XPENDING) and rebuilt on the target in a temporary key (see ``bigkey``). Such a key
+is not read at one point in time: a change made to it during its copy may be copied in
+part (scan's snapshot is best effort anyway; an aggregate with one huge element among
+small ones may be estimated small and DUMPed whole). A source refusing MEMORY USAGE gets
+every key DUMPed whole, as before; one refusing GETRANGE gets every key sized and dumped.
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from typing import Any
 
-from ..entry import RESTORE, Batch, Entry
+from ..entry import RESTORE, STRINGS, Batch, Entry, string_payload
 from ..errors import EndpointError, FatalTaskError, MigrationError
 from ..progress import Progress
 from ..rdb import StreamGroup, StreamMeta
@@ -66,16 +66,28 @@ def match_pattern(spec: TaskSpec) -> bytes | None:
     return None
 
 
-async def source_dbs(conn: Connection, spec: TaskSpec) -> dict[int, int]:
-    """Return {db: key count} for the selected dbs that hold keys."""
+async def source_dbs(conn: Connection, spec: TaskSpec) -> dict[int, tuple[int, int]]:
+    """Return {db: (keys, keys with a TTL)} for the selected dbs that hold keys."""
     info = parse_info(await conn.call("INFO", "keyspace"))
-    return {db: n for db, n in sorted(keyspace(info).items()) if spec.filter.db_ok(db)}
+    expires = keyspace(info, "expires")
+    return {db: (n, expires.get(db, 0)) for db, n in sorted(keyspace(info).items())
+            if spec.filter.db_ok(db)}
 
 
 # The per-key commands of a round trip, each built with one %-format (cdcd.resp.encode
 # per command would cost more than everything else the reader does per key).
-DUMP_PTTL = b"*2\r\n$4\r\nDUMP\r\n$%d\r\n%b\r\n*2\r\n$4\r\nPTTL\r\n$%d\r\n%b\r\n"
+DUMP = b"*2\r\n$4\r\nDUMP\r\n$%d\r\n%b\r\n"
+PTTL = b"*2\r\n$4\r\nPTTL\r\n$%d\r\n%b\r\n"
 MEMORY_USAGE = b"*3\r\n$6\r\nMEMORY\r\n$5\r\nUSAGE\r\n$%d\r\n%b\r\n"
+# Plain strings up to PROBE_BYTES are read by one GETRANGE, without MEMORY USAGE and DUMP
+# (each command costs the source's main thread about a microsecond, whatever it does).
+PROBE_BYTES = 16384
+GETRANGE = b"*4\r\n$8\r\nGETRANGE\r\n$%%d\r\n%%b\r\n$1\r\n0\r\n$%d\r\n%d\r\n" % (
+    len(str(PROBE_BYTES)), PROBE_BYTES)
+INFO_KEYSPACE = encode([b"INFO", b"keyspace"])
+# A STRINGS entry (one MSET on the target) carries at most this many keys / value bytes.
+MSET_KEYS = 1024
+MSET_BYTES = 1 << 20
 
 
 def _mib(n: int) -> str:
@@ -86,7 +98,53 @@ class _Changed(Exception):
     """A big key changed type or vanished while it was read in chunks."""
 
 
+class _Gen:
+    """The keys of one SCAN reply: the cursor after it is safe to save once all are queued."""
+
+    __slots__ = ("cursor", "pending", "queued")
+
+    def __init__(self, cursor: int, pending: int) -> None:
+        self.cursor = cursor
+        self.pending = pending      # keys not finished yet
+        self.queued = 0             # keys handed to the writer
+
+
+class _Round:
+    """What one round trip asked for, in reply order (``later``: DUMP groups over budget)."""
+
+    __slots__ = ("dump", "probe", "size", "scans", "per", "ncmds", "later", "now_ms")
+
+    def __init__(self, dump: list[tuple[bytes, _Gen, int | None]],
+                 probe: list[tuple[bytes, _Gen]], size: list[tuple[bytes, _Gen]],
+                 scans: bool, per: int, ncmds: int,
+                 later: list[list[tuple[bytes, _Gen, int | None]]]) -> None:
+        self.dump = dump
+        self.probe = probe
+        self.size = size
+        self.scans = scans
+        self.per = per
+        self.ncmds = ncmds
+        self.later = later
+        self.now_ms = int(time.time() * 1000)
+
+
 class ScanSnapshot:
+    """Each key goes through at most three round trips, all pipelined with the next SCAN:
+
+    * probe: ``GETRANGE key 0 PROBE_BYTES`` returns a plain string whole (the common
+      case: done); WRONGTYPE, a longer string or an empty reply send it on to sizing.
+      Probing turns itself off while most keys turn out not to be strings.
+    * size: ``MEMORY USAGE`` (default 5 samples: O(1) per key, exact for strings, an
+      estimate for aggregates, larger than the DUMP payload in practice); above
+      ``big_value_bytes`` the key is copied in chunks, otherwise
+    * dump: ``DUMP``.
+
+    ``PTTL`` goes with the probe and the dump while the db holds keys with a TTL; while it
+    holds none (INFO keyspace ``expires=0``), each round trip ends with INFO keyspace
+    instead, and if a TTL appeared meanwhile the keys of that round trip get their PTTL
+    in one more round trip.
+    """
+
     def __init__(self, conn: Connection, spec: TaskSpec, progress: Progress,
                  checkpoint: dict[str, Any] | None, *, count: int = SCAN_COUNT,
                  big_value_bytes: int = BIG_VALUE_BYTES, chunk_bytes: int = CHUNK_BYTES,
@@ -101,29 +159,36 @@ class ScanSnapshot:
         self.chunk_elements = chunk_elements
         # Size keys with MEMORY USAGE; off when disabled or the source refuses it.
         self.sizing = big_value_bytes > 0
+        # Read keys as strings first; off while most are not, or if GETRANGE is refused.
+        self.probing = True
+        self.probe_allowed = True
+        self._strings = self._others = 0
         self.big_keys = 0
+        self.covered = 0        # keys queued up to the last checkpoint
 
     async def run(self, out: asyncio.Queue[Batch | None], *, end: bool = True) -> None:
         """Queue every selected key; then a None that ends the writer, unless ``end`` is
         False (a feed of later changes follows on the same queue)."""
         dbs = await source_dbs(self.conn, self.spec)
         done: list[int] = list(self.ckpt.get("dbs_done", []))
+        if "keys" in self.ckpt:
+            # Keys queued past the checkpoint before a stop are copied (and counted) again.
+            self.progress.keys_done = self.covered = int(self.ckpt["keys"])
         if not self.progress.keys_total:
-            self.progress.keys_total = sum(dbs.values())
-        for db in dbs:
+            self.progress.keys_total = sum(n for n, _ in dbs.values())
+        for db, (_, expires) in dbs.items():
             if db in done:
                 continue
             cursor = int(self.ckpt.get("cursor", 0)) if self.ckpt.get("db") == db else 0
-            await self._scan_db(db, cursor, done, out)
+            await self._scan_db(db, cursor, expires > 0, done, out)
             done.append(db)
         if end:
             await out.put(None)
 
-    async def _scan_db(self, db: int, cursor: int, done: list[int],
+    async def _scan_db(self, db: int, cursor: int, ttl: bool, done: list[int],
                        out: asyncio.Queue[Batch | None]) -> None:
         conn = self.conn
         await conn.select(db)
-        flt = self.spec.filter
         pattern = match_pattern(self.spec)
         scan: list[Any] = [b"SCAN", b"0", b"COUNT", str(self.count).encode()]
         if pattern is not None:
@@ -134,76 +199,135 @@ class ScanSnapshot:
             raise refused(conn, "SCAN", reply)
 
         def checkpoint(after: int) -> dict[str, Any]:
-            return {"db": db, "cursor": after, "dbs_done": done + ([db] if not after else [])}
+            return {"db": db, "cursor": after, "dbs_done": done + ([db] if not after else []),
+                    "keys": self.covered}
 
-        last = checkpoint(cursor) if cursor else {"db": db, "cursor": 0, "dbs_done": list(done)}
-        # Three stages: `sized` keys get their DUMP/PTTL, `fresh` keys (the last SCAN reply)
-        # their MEMORY USAGE, and the next SCAN goes out, all in one round trip.
-        sized: tuple[list[bytes], list[int | None], int] | None = None
-        fresh: tuple[list[bytes], int] | None = self._keys(reply, flt)
-        while sized is not None or fresh is not None:
-            small: list[bytes] = []
-            big: list[tuple[bytes, int]] = []
-            if sized is not None:
-                for k, size in zip(sized[0], sized[1]):
-                    if size is not None and size > self.big_value_bytes:
-                        big.append((k, size))
-                    else:
-                        small.append(k)
-            groups = self._budget(small, sized[1] if sized is not None else [],
-                                  sized[0] if sized is not None else [])
-            first = groups[0] if groups else []
-            parts = [DUMP_PTTL % (len(k), k, len(k), k) for k in first]
-            measure = fresh[0] if fresh is not None and self.sizing else []
-            parts += [MEMORY_USAGE % (len(k), k) for k in measure]
-            ncmds = 2 * len(first) + len(measure)
-            more = fresh is not None and fresh[1] != 0
-            if more:
-                assert fresh is not None
-                scan[1] = str(fresh[1]).encode()
-                parts.append(encode(scan))
-                ncmds += 1
-            now_ms = int(time.time() * 1000)
-            replies = await self._roundtrip(parts, ncmds)
-            # stage 2 -> 1: sizes of the fresh keys
-            base = 2 * len(first)
-            nxt: tuple[list[bytes], list[int | None], int] | None = None
-            if fresh is not None:
-                sizes: list[int | None] = [None] * len(fresh[0])
-                for i in range(len(measure)):
-                    r = replies[base + i]
-                    if r.__class__ is ReplyError:
-                        log.warning("%s: MEMORY USAGE refused (%s): big keys are copied "
-                                    "with a whole DUMP", conn.name, r)
-                        self.sizing = False
-                        sizes = [None] * len(fresh[0])
-                        break
-                    sizes[i] = r
-                nxt = (fresh[0], sizes, fresh[1])
-            # stage 3 -> 2: the next SCAN reply
-            new_fresh: tuple[list[bytes], int] | None = None
-            if more:
-                reply = replies[-1]
+        def advance() -> dict[str, Any]:
+            """The checkpoint after every SCAN reply whose keys are all queued."""
+            ckpt = last
+            while gens and gens[0].pending <= 0:
+                gen = gens.popleft()
+                self.covered += gen.queued
+                ckpt = checkpoint(gen.cursor)
+            return ckpt
+
+        last = checkpoint(cursor) if cursor else {"db": db, "cursor": 0, "dbs_done": list(done),
+                                                  "keys": self.covered}
+        gens: deque[_Gen] = deque()
+        fresh, more = self._keys(reply, gens)
+        rnd: _Round | None = await self._send(scan, fresh, [], [], more, ttl)
+        while rnd is not None:
+            replies = await conn.read_replies(rnd.ncmds)
+            got: list[tuple[bytes, _Gen, Any, Any]] = []     # (key, gen, value, pttl)
+            per = rnd.per
+            self._dumped(rnd.dump, replies, 0, per, got, dump=True)
+            i = per * len(rnd.dump)
+            again = self._dumped(rnd.probe, replies, i, per, got, dump=False)
+            i += per * len(rnd.probe)
+            to_size: list[tuple[bytes, _Gen]] = again if self.sizing else []
+            to_dump: list[tuple[bytes, _Gen, int | None]] = \
+                [] if self.sizing else [(k, g, None) for k, g in again]
+            big: list[tuple[bytes, _Gen, int]] = []
+            for j, (k, g) in enumerate(rnd.size):
+                r = replies[i + j]
+                if r.__class__ is ReplyError:
+                    log.warning("%s: MEMORY USAGE refused (%s): big keys are copied "
+                                "with a whole DUMP", conn.name, r)
+                    self.sizing = False
+                    to_dump += [(k2, g2, None) for k2, g2 in rnd.size[j:]]
+                    to_dump += [(k2, g2, None) for k2, g2 in to_size]
+                    to_size = []
+                    break
+                if r is None:                   # gone since SCAN saw it
+                    g.pending -= 1
+                elif r > self.big_value_bytes:
+                    big.append((k, g, r))
+                else:
+                    to_dump.append((k, g, r))
+            i += len(rnd.size)
+            fresh, more = [], 0
+            if rnd.scans:
+                reply = replies[i]
+                i += 1
                 if reply.__class__ is ReplyError:
                     raise refused(conn, "SCAN", reply)
-                new_fresh = self._keys(reply, flt)
-            # stage 1: the sized keys, now dumped (more round trips if over budget)
-            if sized is not None:
-                after = checkpoint(sized[2])
-                for k, size in big:
-                    await self._copy_big(db, k, size, out, last)
-                for gi, group in enumerate(groups):
-                    if gi:
-                        now_ms = int(time.time() * 1000)
-                        replies = await self._roundtrip(
-                            [DUMP_PTTL % (len(k), k, len(k), k) for k in group], 2 * len(group))
-                    entries, nbytes = self._restores(db, group, replies, now_ms)
-                    ckpt = after if gi == len(groups) - 1 else last
-                    await out.put(Batch(entries, ckpt, nbytes, len(entries)))
-                if not groups:
-                    await out.put(Batch([], after, 0, 0))
-                last = after
-            sized, fresh = nxt, new_fresh
+                fresh, more = self._keys(reply, gens)
+            if per == 1:                       # sent without PTTLs: INFO keyspace came last
+                info = replies[i]
+                if info.__class__ is ReplyError:
+                    raise refused(conn, "INFO keyspace", info)
+                if keyspace(parse_info(info), "expires").get(db, 0):
+                    # A TTL appeared: ask the keys just read for theirs, from now on always.
+                    ttl = True
+                    got = await self._add_ttls(got)
+            # Big keys in chunks and DUMPs over the byte budget take round trips of their
+            # own; then the next round goes out, and this one's keys are queued while the
+            # source works on it.
+            for k, g, size in big:
+                g.queued += await self._copy_big(db, k, size, out, last)
+                g.pending -= 1
+            for group in rnd.later:
+                await self._dump_group(db, group, ttl, out, last)
+            self.probing = self.probe_allowed and self._strings >= self._others
+            nxt = await self._send(scan, fresh, to_size, to_dump, more, ttl) \
+                if fresh or to_size or to_dump or more else None
+            entries, nbytes = self._entries(db, got, rnd.now_ms)
+            last = advance()
+            await out.put(Batch(entries, last, nbytes, len(entries)))
+            rnd = nxt
+        await out.put(Batch([], advance(), 0, 0))
+
+    async def _send(self, scan: list[Any], fresh: list[tuple[bytes, _Gen]],
+                    to_size: list[tuple[bytes, _Gen]],
+                    to_dump: list[tuple[bytes, _Gen, int | None]], more: int,
+                    ttl: bool) -> _Round:
+        """Send one round: DUMPs (within the byte budget), probes, sizes, SCAN, INFO."""
+        probe: list[tuple[bytes, _Gen]] = []
+        if self.probing:
+            probe = fresh
+        else:
+            to_size = to_size + fresh
+        if not self.sizing:
+            to_dump = to_dump + [(k, g, None) for k, g in to_size]
+            to_size = []
+        groups = self._budget(to_dump)
+        first = groups[0] if groups else []
+        parts: list[bytes] = []
+        if ttl:
+            parts += [DUMP % (len(k), k) + PTTL % (len(k), k) for k, _, _ in first]
+            parts += [GETRANGE % (len(k), k) + PTTL % (len(k), k) for k, _ in probe]
+        else:
+            parts += [DUMP % (len(k), k) for k, _, _ in first]
+            parts += [GETRANGE % (len(k), k) for k, _ in probe]
+        parts += [MEMORY_USAGE % (len(k), k) for k, _ in to_size]
+        per = 2 if ttl else 1
+        ncmds = per * (len(first) + len(probe)) + len(to_size)
+        if more:
+            scan[1] = str(more).encode()
+            parts.append(encode(scan))
+            ncmds += 1
+        if not ttl:
+            parts.append(INFO_KEYSPACE)
+            ncmds += 1
+        rnd = _Round(first, probe, to_size, bool(more), per, ncmds, groups[1:])
+        self.conn.send(b"".join(parts))
+        await self.conn.drain()
+        return rnd
+
+    async def _dump_group(self, db: int, group: list[tuple[bytes, _Gen, int | None]],
+                          ttl: bool, out: asyncio.Queue[Batch | None],
+                          ckpt: dict[str, Any]) -> int:
+        """DUMP a group of keys in a round trip of its own; queue them; return how many."""
+        per = 2 if ttl else 1
+        now_ms = int(time.time() * 1000)
+        replies = await self._roundtrip(
+            [DUMP % (len(k), k) + (PTTL % (len(k), k) if ttl else b"") for k, _, _ in group],
+            per * len(group))
+        got: list[tuple[bytes, _Gen, Any, Any]] = []
+        self._dumped(group, replies, 0, per, got, dump=True)
+        entries, nbytes = self._entries(db, got, now_ms)
+        await out.put(Batch(entries, ckpt, nbytes, len(entries)))
+        return len(got)
 
     async def _roundtrip(self, parts: list[bytes], n: int) -> list[Any]:
         """Send pre-encoded commands at once; return their n replies."""
@@ -214,62 +338,133 @@ class ScanSnapshot:
         await conn.drain()
         return await conn.read_replies(n)
 
-    def _keys(self, reply: Any, flt: Any) -> tuple[list[bytes], int]:
+    def _keys(self, reply: Any, gens: deque[_Gen]) -> tuple[list[tuple[bytes, _Gen]], int]:
+        """The keys of a SCAN reply (filtered), tagged with their generation; the cursor."""
         keys = reply[1]
+        flt = self.spec.filter
         if flt.by_key:
             keys = [k for k in keys if flt.key_ok(k)]
-        return keys, int(reply[0])
+        gen = _Gen(int(reply[0]), len(keys))
+        gens.append(gen)
+        return [(k, gen) for k in keys], gen.cursor
 
-    def _budget(self, small: list[bytes], sizes: list[int | None],
-                keys: list[bytes]) -> list[list[bytes]]:
-        """Split the small keys into groups whose estimated DUMP bytes fit a round trip."""
-        if not small:
+    def _dumped(self, keys: list[Any], replies: list[Any], i: int, per: int,
+                got: list[tuple[bytes, _Gen, Any, Any]], *, dump: bool
+                ) -> list[tuple[bytes, _Gen]]:
+        """Collect DUMP (or GETRANGE) replies [+ PTTL] from ``replies[i:]`` into ``got``.
+
+        Keys gone meanwhile are finished here. For GETRANGE, return the keys that are not
+        settled by it (not strings, long strings, ambiguous empty replies)."""
+        again: list[tuple[bytes, _Gen]] = []
+        for j, item in enumerate(keys):
+            k, g = item[0], item[1]
+            value = replies[i + per * j]
+            pttl = replies[i + per * j + 1] if per == 2 else None
+            if pttl.__class__ is ReplyError:
+                raise refused(self.conn, "PTTL", pttl)
+            if value.__class__ is ReplyError:
+                if dump:
+                    raise refused(self.conn, "DUMP", value)
+                if str(value).startswith("WRONGTYPE"):
+                    self._others += 1
+                else:
+                    log.warning("%s: GETRANGE refused (%s): every key is sized and dumped",
+                                self.conn.name, value)
+                    self.probe_allowed = self.probing = False
+                again.append((k, g))
+                continue
+            if value is None or pttl == -2:
+                g.pending -= 1          # expired or deleted since SCAN saw it
+                continue
+            if not dump and (len(value) > PROBE_BYTES or (not value and pttl is None)):
+                again.append((k, g))    # long (size it first) or maybe missing (DUMP says)
+                continue
+            if not dump or value[0] == 0:
+                self._strings += 1
+            else:
+                self._others += 1
+            got.append((k, g, value if dump else (value,), pttl))
+        if self._strings + self._others > 4096:     # weigh the recent keys most
+            self._strings >>= 1
+            self._others >>= 1
+        return again
+
+    async def _add_ttls(self, got: list[tuple[bytes, _Gen, Any, Any]]
+                        ) -> list[tuple[bytes, _Gen, Any, Any]]:
+        """PTTL for keys read without one."""
+        replies = await self._roundtrip([PTTL % (len(k), k) for k, _, _, _ in got], len(got))
+        out = []
+        for (k, g, value, _), pttl in zip(got, replies):
+            if pttl.__class__ is ReplyError:
+                raise refused(self.conn, "PTTL", pttl)
+            if pttl == -2:
+                g.pending -= 1
+            else:
+                out.append((k, g, value, pttl))
+        return out
+
+    def _budget(self, keys: list[tuple[bytes, _Gen, int | None]]
+                ) -> list[list[tuple[bytes, _Gen, int | None]]]:
+        """Split keys to dump into groups whose estimated DUMP bytes fit a round trip."""
+        if not keys:
             return []
-        if not self.sizing:
-            return [small]
-        est = {k: s or 0 for k, s in zip(keys, sizes)}
-        total = sum(est[k] for k in small)
+        total = sum(s or 0 for _, _, s in keys)
         if total <= DUMP_BUDGET:
-            return [small]
-        groups: list[list[bytes]] = [[]]
+            return [keys]
+        groups: list[list[tuple[bytes, _Gen, int | None]]] = [[]]
         acc = 0
-        for k in small:
-            if groups[-1] and acc + est[k] > DUMP_BUDGET:
+        for item in keys:
+            est = item[2] or 0
+            if groups[-1] and acc + est > DUMP_BUDGET:
                 groups.append([])
                 acc = 0
-            groups[-1].append(k)
-            acc += est[k]
+            groups[-1].append(item)
+            acc += est
         return groups
 
-    def _restores(self, db: int, keys: list[bytes], replies: list[Any],
-                  now_ms: int) -> tuple[list[Entry], int]:
-        conn = self.conn
+    def _entries(self, db: int, got: list[tuple[bytes, _Gen, Any, Any]],
+                 now_ms: int) -> tuple[list[Entry], int]:
+        """RESTOREs for dumped keys and strings with a TTL, MSET groups for the others.
+
+        A probed string's value comes wrapped in a 1-tuple (a DUMP payload does not)."""
         entries: list[Entry] = []
-        nbytes = 0
-        for i, k in enumerate(keys):
-            payload, ttl = replies[2 * i], replies[2 * i + 1]
-            if payload.__class__ is ReplyError:
-                raise refused(conn, "DUMP", payload)
-            if ttl.__class__ is ReplyError:
-                raise refused(conn, "PTTL", ttl)
-            if payload is None or ttl == -2:
-                continue  # expired or deleted since SCAN saw it
-            entries.append((RESTORE, db, k, now_ms + ttl if ttl >= 0 else 0, payload))
-            nbytes += len(payload)
+        pairs: list[bytes] = []
+        pair_bytes = nbytes = 0
+        for k, g, value, pttl in got:
+            g.pending -= 1
+            g.queued += 1
+            if value.__class__ is tuple:
+                v = value[0]
+                if pttl is None or pttl < 0:
+                    pairs += (k, v)
+                    pair_bytes += len(v)
+                    if len(pairs) >= 2 * MSET_KEYS or pair_bytes >= MSET_BYTES:
+                        entries.append((STRINGS, db, pairs, len(pairs) // 2, pair_bytes))
+                        nbytes += pair_bytes
+                        pairs, pair_bytes = [], 0
+                    continue
+                value = string_payload(v)
+            entries.append((RESTORE, db, k, now_ms + pttl if pttl is not None and pttl >= 0
+                            else 0, value))
+            nbytes += len(value)
+        if pairs:
+            entries.append((STRINGS, db, pairs, len(pairs) // 2, pair_bytes))
+            nbytes += pair_bytes
         return entries, nbytes
 
     # --- big keys ---------------------------------------------------------------------------
 
     async def _copy_big(self, db: int, key: bytes, estimate: int,
-                        out: asyncio.Queue[Batch | None], ckpt: dict[str, Any]) -> None:
-        """Copy one big key in chunks; start over (twice at most) when it changes type."""
+                        out: asyncio.Queue[Batch | None], ckpt: dict[str, Any]) -> int:
+        """Copy one big key in chunks; start over (twice at most) when it changes type.
+        Return 1 when the key was queued, 0 when it was gone or kept changing."""
         for attempt in range(3):
             try:
-                await self._copy_big_once(db, key, estimate, out, ckpt)
-                return
+                return await self._copy_big_once(db, key, estimate, out, ckpt)
             except _Changed as exc:
                 log.info("%s: big key %r changed during its copy (%s)%s", self.conn.name,
                          key[:80], exc, "; copying it again" if attempt < 2 else "; skipped")
+        return 0
 
     async def _call(self, *cmds: list[Any]) -> list[Any]:
         """Pipeline commands; a WRONGTYPE means the key changed, other errors stop."""
@@ -283,19 +478,15 @@ class ScanSnapshot:
         return replies
 
     async def _copy_big_once(self, db: int, key: bytes, estimate: int,
-                             out: asyncio.Queue[Batch | None], ckpt: dict[str, Any]) -> None:
+                             out: asyncio.Queue[Batch | None], ckpt: dict[str, Any]) -> int:
         kind_raw = (await self._call([b"TYPE", key]))[0]
         kind = kind_raw.decode() if isinstance(kind_raw, bytes) else str(kind_raw)
         length_cmd = {"string": b"STRLEN", "list": b"LLEN", "hash": b"HLEN", "set": b"SCARD",
                       "zset": b"ZCARD", "stream": b"XLEN"}.get(kind)
         if kind == "none":
-            return
+            return 0
         if length_cmd is None:   # a module type: whole DUMP, as for small keys
-            now_ms = int(time.time() * 1000)
-            replies = await self.conn.pipeline([[b"DUMP", key], [b"PTTL", key]])
-            entries, nbytes = self._restores(db, [key], replies, now_ms)
-            await out.put(Batch(entries, ckpt, nbytes, len(entries)))
-            return
+            return await self._dump_group(db, [(key, _Gen(0, 1), None)], True, out, ckpt)
         length = int((await self._call([length_cmd, key]))[0])
         b = BigKey(db, key, kind, task_id=self.spec.task_id,
                    replace=self.spec.existing_keys != "skip",
@@ -353,6 +544,7 @@ class ScanSnapshot:
         self.progress.snapshot_bytes += b.bytes
         log.info("%s: copied big %s %r (db %d) in chunks: %d elements, %s", self.conn.name,
                  kind, key[:80], db, b.elements, _mib(b.bytes))
+        return 1
 
     async def _copy_stream(self, b: BigKey, key: bytes, count: int, sink: _Sink) -> None:
         """Entries by XRANGE pages, then id counters, groups, consumers, pending entries."""
