@@ -71,6 +71,7 @@ from tests.servers import RedisServer  # noqa: E402
 SECTIONS = ("snapshot", "incremental", "memory", "bandwidth", "tasks")
 MB = 1_000_000          # bandwidth_limit_mb is in 10^6 bytes (cdcd/ratelimit.py); so is MB/s
 MiB = 1 << 20           # RSS is reported in MiB
+GB = 1_000_000_000      # the memory dataset is 2 GB of source used_memory
 SOURCE_ARGS = ["--enable-debug-command", "yes"]
 
 
@@ -407,7 +408,13 @@ class Bench:
             sha = c.script_load(lua)
             for s in range(1, count + 1, 200_000):
                 c.evalsha(sha, 1, key, s, min(s + 199_999, count))
-        return {"string_bytes": string_bytes, "hash_fields": fields, "list_elements": elements}
+        # 1 KB strings up to a 2 GB dataset (scaled): the big keys among many small ones
+        used = int(c.info("memory")["used_memory"])
+        fill = max(0, int((2 * GB * scale - used) / 1100))
+        if fill:
+            c.execute_command("DEBUG", "POPULATE", fill, "fill", 1000)
+        return {"string_bytes": string_bytes, "hash_fields": fields, "list_elements": elements,
+                "fill_keys": fill}
 
     # --- one sync, native or cdcd ------------------------------------------------------
 
@@ -629,18 +636,20 @@ class Bench:
             return
         used = src.client().info("memory")["used_memory"]
         desc = (f"{shape['string_bytes'] / MiB:.0f} MiB string, {shape['hash_fields']:,}-field "
-                f"hash, {shape['list_elements']:,}-element list")
+                f"hash, {shape['list_elements']:,}-element list, {shape['fill_keys']:,} strings "
+                f"of 1 KB")
         print(f"  big keys (--big-scale {scale:g}): {desc}; built in "
               f"{time.perf_counter() - t0:.1f} s, source used_memory {used / MB:.0f} MB",
               flush=True)
         mem["big"] = {"scale": scale, **shape, "source_used_memory": used}
         timeout = max(180.0, 600 * scale)
-        res = self.compare(src, 3, 1, timeout)
+        res = self.compare(src, 3 + shape["fill_keys"], 1, timeout)
         src.cleanup()
         mem["big"].update(res)
         med = res["median_seconds"]
         for reader in ("psync", "scan"):
-            metric = f"daemon VmHWM, big keys x{scale:g}, reader={reader}"
+            metric = (f"daemon VmHWM, {used / GB:.1f} GB dataset with the big keys "
+                      f"(x{scale:g}), reader={reader}")
             runs = res["runs"].get(reader) or []
             if runs:
                 hwm = max(r["hwm_mb"] for r in runs)
@@ -789,6 +798,34 @@ class Bench:
         if last.get("retries") or last.get("resyncs"):
             self.row(S, "(b) link trouble", f"retries {last.get('retries')}, "
                      f"full_resyncs {last.get('resyncs')}")
+
+        # (d) apply capacity: pause the task, let the same benchmark fill the backlog, resume
+        # and time the drain (the load generator no longer competes for the 2 cores)
+        try:
+            self._wait(lambda: sample_view()["applied"] >=
+                       int(sc.info("replication")["master_repl_offset"]) - 1000, 120,
+                       "the task to catch up before (d)")
+            sc.config_set("repl-backlog-size", str(1 << 30))
+            api.ok("pause", {"task_id": task_id})
+            self._wait(lambda: api.task(task_id)["state"] == "Paused", 30, "pause")
+            ops0 = sample_view()["ops"]
+            benchmark()
+            end_offset = int(sc.info("replication")["master_repl_offset"])
+            t0 = time.perf_counter()
+            api.ok("resume", {"task_id": task_id})
+            self._wait(lambda: sample_view()["applied"] >= end_offset, 300, "the drain")
+            drain = time.perf_counter() - t0
+            v = sample_view()
+            drained = v["ops"] - ops0
+            rate = drained / drain
+            out["drain"] = {"ops": drained, "seconds": drain, "rate": rate,
+                            "fraction_of_alone": rate / alone, "full_resyncs": v["resyncs"]}
+            self.row(S, "(d) apply capacity: backlog drained after a pause / source-alone rate",
+                     f"{rate / alone:.2f} ({fmt_rate(rate)}: {drained:,} ops in {fmt_s(drain)}, "
+                     f"incl. reconnect + PSYNC; full resyncs {v['resyncs']})",
+                     ">= 0.7", verdict(rate / alone >= 0.7 and drained >= nreq))
+        except (NotAvailable, TimeoutError) as exc:
+            self.unavailable(S, "(d) apply capacity", exc, ">= 0.7")
 
         # (c) a paced mixed load: view lag_ms and end-to-end lag, with a native replica too
         rate = 50_000
