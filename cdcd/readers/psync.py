@@ -41,6 +41,9 @@ log = logging.getLogger("cdcd.reader.psync")
 READ_CHUNK = 1 << 18
 BATCH_ENTRIES = 2048
 BATCH_BYTES = 1 << 20
+# A stream read shorter than this waits COALESCE_S before the next read.
+TRICKLE_BYTES = 4096
+COALESCE_S = 0.002
 STREAM_TIMEOUT = 75.0      # the master PINGs every 10 s (repl-ping-replica-period)
 HANDSHAKE_TIMEOUT = 30.0
 ACK_EVERY = 1.0
@@ -359,6 +362,7 @@ class PsyncReader:
         in_multi: list[Entry] | None = None
         flt = self.filter
         beat = self.heartbeat_channel
+        trickle = False
         offset = self.offset
         while True:
             args = gets()
@@ -374,7 +378,13 @@ class PsyncReader:
                     self.offset = start = offset
                     await self._emit(out, entries)
                     entries = []
+                if trickle:
+                    # A trickle of writes: let a few milliseconds of them gather in the socket,
+                    # so that many light tasks do not each pay a transaction on the target per
+                    # command (a busy stream, whose reads come back full, never waits here).
+                    await asyncio.sleep(COALESCE_S)
                 data = await self._read(conn)
+                trickle = len(data) < TRICKLE_BYTES
                 parser.feed(data)
                 if raw:
                     buf += data
