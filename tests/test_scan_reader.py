@@ -184,3 +184,17 @@ def test_string_payload_is_what_restore_accepts(servers: Servers) -> None:
         value = bytes(range(256)) * (n // 256 + 1)
         c.restore(b"k%d" % n, 0, string_payload(value[:n]))
         assert c.get(b"k%d" % n) == value[:n]
+
+
+async def test_probe_never_reads_past_a_low_big_value_threshold(servers: Servers) -> None:
+    """With big_value_bytes under the probe size, a string over it is still chunked."""
+    src, dst = servers(), servers()
+    c = src.client()
+    fill_bulk(c, 100)
+    c.set(b"s:10k", b"x" * 10_000)
+    c.set(b"s:4k", b"y" * 4096)
+    _, batches = await copy(src, dst, big=4096)
+    assert_same(c, dst.client())
+    msets = keys_of(batches, STRINGS)
+    assert b"s:4k" in msets and b"s:10k" not in msets + keys_of(batches, RESTORE)
+    assert calls(dst.client(), "rename") == 1

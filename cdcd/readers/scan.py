@@ -82,8 +82,7 @@ MEMORY_USAGE = b"*3\r\n$6\r\nMEMORY\r\n$5\r\nUSAGE\r\n$%d\r\n%b\r\n"
 # Plain strings up to PROBE_BYTES are read by one GETRANGE, without MEMORY USAGE and DUMP
 # (each command costs the source's main thread about a microsecond, whatever it does).
 PROBE_BYTES = 16384
-GETRANGE = b"*4\r\n$8\r\nGETRANGE\r\n$%%d\r\n%%b\r\n$1\r\n0\r\n$%d\r\n%d\r\n" % (
-    len(str(PROBE_BYTES)), PROBE_BYTES)
+GETRANGE = b"*4\r\n$8\r\nGETRANGE\r\n$%%d\r\n%%b\r\n$1\r\n0\r\n$%d\r\n%d\r\n"
 INFO_KEYSPACE = encode([b"INFO", b"keyspace"])
 # A STRINGS entry (one MSET on the target) carries at most this many keys / value bytes.
 MSET_KEYS = 1024
@@ -159,6 +158,9 @@ class ScanSnapshot:
         self.chunk_elements = chunk_elements
         # Size keys with MEMORY USAGE; off when disabled or the source refuses it.
         self.sizing = big_value_bytes > 0
+        # A probe reads at most probe_bytes + 1 bytes: never more than a big value.
+        self.probe_bytes = min(PROBE_BYTES, big_value_bytes) if self.sizing else PROBE_BYTES
+        self._getrange = GETRANGE % (len(str(self.probe_bytes)), self.probe_bytes)
         # Read keys as strings first; off while most are not, or if GETRANGE is refused.
         self.probing = True
         self.probe_allowed = True
@@ -293,12 +295,13 @@ class ScanSnapshot:
         groups = self._budget(to_dump)
         first = groups[0] if groups else []
         parts: list[bytes] = []
+        getrange = self._getrange
         if ttl:
             parts += [DUMP % (len(k), k) + PTTL % (len(k), k) for k, _, _ in first]
-            parts += [GETRANGE % (len(k), k) + PTTL % (len(k), k) for k, _ in probe]
+            parts += [getrange % (len(k), k) + PTTL % (len(k), k) for k, _ in probe]
         else:
             parts += [DUMP % (len(k), k) for k, _, _ in first]
-            parts += [GETRANGE % (len(k), k) for k, _ in probe]
+            parts += [getrange % (len(k), k) for k, _ in probe]
         parts += [MEMORY_USAGE % (len(k), k) for k, _ in to_size]
         per = 2 if ttl else 1
         ncmds = per * (len(first) + len(probe)) + len(to_size)
@@ -376,7 +379,7 @@ class ScanSnapshot:
             if value is None or pttl == -2:
                 g.pending -= 1          # expired or deleted since SCAN saw it
                 continue
-            if not dump and (len(value) > PROBE_BYTES or (not value and pttl is None)):
+            if not dump and (len(value) > self.probe_bytes or (not value and pttl is None)):
                 again.append((k, g))    # long (size it first) or maybe missing (DUMP says)
                 continue
             if not dump or value[0] == 0:
