@@ -733,6 +733,9 @@ class Bench:
                     "lag_ms": inc.get("lag_ms"), "applied": inc.get("applied_offset", 0),
                     "state": v["state"], "retries": v["progress"]["retries"],
                     "resyncs": v["progress"].get("full_resyncs", 0)}
+        def caught_up() -> bool:
+            return bool(sample_view()["applied"] >=
+                        int(sc.info("replication")["master_repl_offset"]) - 1000)
         sampler = Sampler(sample_view, 0.1).start()
         try:
             src_rate, t0, t1 = benchmark()
@@ -802,9 +805,7 @@ class Bench:
         # (d) apply capacity: pause the task, let the same benchmark fill the backlog, resume
         # and time the drain (the load generator no longer competes for the 2 cores)
         try:
-            self._wait(lambda: sample_view()["applied"] >=
-                       int(sc.info("replication")["master_repl_offset"]) - 1000, 120,
-                       "the task to catch up before (d)")
+            self._wait(caught_up, 120, "the task to catch up before (d)")
             sc.config_set("repl-backlog-size", str(1 << 30))
             api.ok("pause", {"task_id": task_id})
             self._wait(lambda: api.task(task_id)["state"] == "Paused", 30, "pause")
@@ -836,9 +837,7 @@ class Bench:
         rc.execute_command("REPLICAOF", "127.0.0.1", str(src.port))
         self._wait(lambda: rc.info("replication").get("master_link_status") == "up", 60,
                    "native replica link up")
-        self._wait(lambda: sample_view()["applied"] >=
-                   int(sc.info("replication")["master_repl_offset"]) - 1000, 120,
-                   "the task to catch up before (c)")
+        self._wait(caught_up, 120, "the task to catch up before (c)")
         gen = self.popen([sys.executable, str(BENCH / "loadgen.py"), src.addr, str(rate),
                           str(secs + 1.5)], stdout=subprocess.PIPE)
         time.sleep(1.0)
@@ -915,8 +914,7 @@ class Bench:
             self.row(S, "(c) end-to-end lag cdcd/native", f"p50 {r50:.1f}x, p99 {r99:.1f}x")
         # consistency: after catching up, target = source (apart from the checkpoint key)
         try:
-            self._wait(lambda: sample_view()["applied"] >=
-                       int(sc.info("replication")["master_repl_offset"]) - 1000, 60, "catch-up")
+            self._wait(caught_up, 60, "catch-up")
             time.sleep(0.5)
             s_keys = sc.dbsize()
             t_keys = tgt.client().dbsize() - 1

@@ -447,24 +447,26 @@ async def _psync_check(src: _Side, reader: str) -> Check:
                          f"+psync +replconf to the user or set reader to scan")
 
 
-# Commands the scan reader runs on the source: needed, and merely helpful.
-_SCAN_NEEDS = (["SCAN", "0"], ["DUMP", "cdcd-precheck"], ["PTTL", "cdcd-precheck"],
-               ["INFO", "keyspace"])
-_SCAN_HELPS = {"MEMORY": "big keys would be copied with one whole DUMP instead of in chunks",
-               "GETRANGE": "every string would be sized and dumped (slower)"}
+# The commands the scan reader runs on the source, with what refusing one costs (None:
+# the reader cannot work without it).
+_SCAN_COMMANDS: tuple[tuple[list[str], str | None], ...] = (
+    (["SCAN", "0"], None), (["DUMP", "cdcd-precheck"], None),
+    (["PTTL", "cdcd-precheck"], None), (["INFO", "keyspace"], None),
+    (["MEMORY", "USAGE", "cdcd-precheck"],
+     "big keys would be copied with one whole DUMP instead of in chunks"),
+    (["GETRANGE", "cdcd-precheck", "0", "1"], "every string would be sized and dumped (slower)"))
 
 
 async def _scan_check(src: _Side) -> Check:
     """Ask (ACL DRYRUN) whether the source lets our user run the scan reader's commands."""
     name = "source.scan"
     user = src.user
-    helps = [["MEMORY", "USAGE", "cdcd-precheck"], ["GETRANGE", "cdcd-precheck", "0", "1"]]
-    replies = await src.pipeline([["ACL", "DRYRUN", user, *c] for c in [*_SCAN_NEEDS, *helps]])
+    replies = await src.pipeline([["ACL", "DRYRUN", user, *c] for c, _ in _SCAN_COMMANDS])
     verdicts = [_dryrun_verdict(r) for r in replies]
-    unknown = next((v[1] for v in verdicts if v[0] == "unknown"), None)
-    refused = [(c[0], v[1]) for c, v in zip([*_SCAN_NEEDS, *helps], verdicts)
-               if v[0] == "refused"]
-    needed = [(c, why) for c, why in refused if c not in _SCAN_HELPS]
+    unknown = next((why for v, why in verdicts if v == "unknown"), None)
+    refused = [(c[0], why, cost) for (c, cost), (v, why) in zip(_SCAN_COMMANDS, verdicts)
+               if v == "refused"]
+    needed = [(c, why) for c, why, cost in refused if cost is None]
     if needed:
         return Check(name=name, status="error",
                      message=f"{src.name} refuses " + "; ".join(f"{c} ({why})" for c, why in needed)
@@ -472,7 +474,7 @@ async def _scan_check(src: _Side) -> Check:
     if refused:
         return Check(name=name, status="warning",
                      message=f"{src.name} refuses " + "; ".join(
-                         f"{c} ({why}): {_SCAN_HELPS[c]}" for c, why in refused))
+                         f"{c} ({why}): {cost}" for c, why, cost in refused))
     if unknown is not None:
         return Check(name=name, status="warning",
                      message=f"cannot verify that {src.name} allows SCAN, DUMP and PTTL for "

@@ -396,13 +396,7 @@ class PsyncReader:
                 raise EndpointError(f"{self.name}: unexpected data in the stream: "
                                     f"{str(args)[:80]}")
             begin = offset
-            # command_size(args), inlined: this loop runs once per replicated command
-            size = 4 if len(args) < 10 else len(b"*%d\r\n" % len(args))
-            for a in args:
-                n = len(a)
-                size += n + (6 if n < 10 else 7 if n < 100 else 8 if n < 1000
-                             else len(b"$%d\r\n" % n) + 2)
-            offset += size
+            offset += command_size(args)
             name = args[0].lower()
             if raw and name not in STREAM_SPECIAL:
                 ops += 1            # forwarded as the source sent it

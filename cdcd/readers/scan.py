@@ -89,6 +89,14 @@ MSET_KEYS = 1024
 MSET_BYTES = 1 << 20
 
 
+def _per_key(command: bytes, keys: list[Any], ttl: bool) -> list[bytes]:
+    """Format ``command`` (a %-format taking len(key), key) for each (key, ...) item,
+    each followed by its PTTL when ``ttl``."""
+    if ttl:
+        return [command % (len(k), k) + PTTL % (len(k), k) for k, *_ in keys]
+    return [command % (len(k), k) for k, *_ in keys]
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
@@ -226,9 +234,8 @@ class ScanSnapshot:
             i = per * len(rnd.dump)
             again = self._dumped(rnd.probe, replies, i, per, got, dump=False)
             i += per * len(rnd.probe)
-            to_size: list[tuple[bytes, _Gen]] = again if self.sizing else []
-            to_dump: list[tuple[bytes, _Gen, int | None]] = \
-                [] if self.sizing else [(k, g, None) for k, g in again]
+            to_size = again     # _send dumps them unsized once sizing is off
+            to_dump: list[tuple[bytes, _Gen, int | None]] = []
             big: list[tuple[bytes, _Gen, int]] = []
             for j, (k, g) in enumerate(rnd.size):
                 r = replies[i + j]
@@ -237,8 +244,6 @@ class ScanSnapshot:
                                 "with a whole DUMP", conn.name, r)
                     self.sizing = False
                     to_dump += [(k2, g2, None) for k2, g2 in rnd.size[j:]]
-                    to_dump += [(k2, g2, None) for k2, g2 in to_size]
-                    to_size = []
                     break
                 if r is None:                   # gone since SCAN saw it
                     g.pending -= 1
@@ -294,15 +299,8 @@ class ScanSnapshot:
             to_size = []
         groups = self._budget(to_dump)
         first = groups[0] if groups else []
-        parts: list[bytes] = []
-        getrange = self._getrange
-        if ttl:
-            parts += [DUMP % (len(k), k) + PTTL % (len(k), k) for k, _, _ in first]
-            parts += [getrange % (len(k), k) + PTTL % (len(k), k) for k, _ in probe]
-        else:
-            parts += [DUMP % (len(k), k) for k, _, _ in first]
-            parts += [getrange % (len(k), k) for k, _ in probe]
-        parts += [MEMORY_USAGE % (len(k), k) for k, _ in to_size]
+        parts = _per_key(DUMP, first, ttl) + _per_key(self._getrange, probe, ttl)
+        parts += _per_key(MEMORY_USAGE, to_size, False)
         per = 2 if ttl else 1
         ncmds = per * (len(first) + len(probe)) + len(to_size)
         if more:
@@ -323,9 +321,7 @@ class ScanSnapshot:
         """DUMP a group of keys in a round trip of its own; queue them; return how many."""
         per = 2 if ttl else 1
         now_ms = int(time.time() * 1000)
-        replies = await self._roundtrip(
-            [DUMP % (len(k), k) + (PTTL % (len(k), k) if ttl else b"") for k, _, _ in group],
-            per * len(group))
+        replies = await self._roundtrip(_per_key(DUMP, group, ttl), per * len(group))
         got: list[tuple[bytes, _Gen, Any, Any]] = []
         self._dumped(group, replies, 0, per, got, dump=True)
         entries, nbytes = self._entries(db, got, now_ms)
