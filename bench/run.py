@@ -66,7 +66,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import redis  # noqa: E402
 
 from tests.daemon import Daemon  # noqa: E402
-from tests.servers import RedisServer  # noqa: E402
+from tests.servers import RedisServer, wait_for  # noqa: E402
 
 SECTIONS = ("snapshot", "incremental", "memory", "bandwidth", "tasks")
 MB = 1_000_000          # bandwidth_limit_mb is in 10^6 bytes (cdcd/ratelimit.py); so is MB/s
@@ -1086,14 +1086,7 @@ class Bench:
 
     @staticmethod
     def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.perf_counter() + timeout
-        while True:
-            v = pred()
-            if v:
-                return v
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(0.05)
+        return wait_for(pred, timeout, 0.05, what, error=TimeoutError)
 
     def _wait_phase(self, api: Api, task_id: str, phase: str, timeout: float) -> None:
         def reached() -> bool:

@@ -142,13 +142,15 @@ def running(flavour: str = "redis7", **kw: object) -> Iterator[RedisServer]:
         server.cleanup()
 
 
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` at the deadline."""
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition",  # type: ignore[no-untyped-def]
+             error: type[Exception] = AssertionError):
+    """Poll ``predicate`` until it returns a truthy value; raise ``error`` naming ``what``
+    at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise error(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
