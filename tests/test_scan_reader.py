@@ -198,3 +198,20 @@ async def test_probe_never_reads_past_a_low_big_value_threshold(servers: Servers
     msets = keys_of(batches, STRINGS)
     assert b"s:4k" in msets and b"s:10k" not in msets + keys_of(batches, RESTORE)
     assert calls(dst.client(), "rename") == 1
+
+
+async def test_source_refusing_getrange_gets_every_key_sized_and_dumped(
+        servers: Servers) -> None:
+    src, dst = servers(), servers()
+    c = src.client()
+    c.execute_command("ACL", "SETUSER", "noprobe", "on", ">pw", "~*", "+@all", "-getrange")
+    fill_bulk(c, 2000)
+    c.hset(b"h", mapping={b"a": b"1"})
+    c.config_resetstat()
+    _, batches = await copy(src, dst, source={"addrs": src.addr, "username": "noprobe",
+                                              "password": "pw"})
+    dumped = calls(c, "dump")
+    assert_same(c, dst.client())
+    # the first round's probes are refused; from then on every key is sized and dumped
+    assert keys_of(batches, STRINGS) == [] and len(keys_of(batches, RESTORE)) == 2001
+    assert dumped == 2001
