@@ -6,8 +6,10 @@
     ├── NotFoundError          404: no such task
     ├── ConflictError          409: operation conflicts with the task's state
     ├── PayloadTooLarge        413: body over the configured limit
-    └── MigrationError         a task stops on it (never reaches the API as such)
+    └── MigrationError         a task stops on it
         ├── EndpointError      a source/target server failed or refused (retryable)
+        ├── StoreError         503: the metadata store cannot be read or written; an outage
+        │                      of the tasks (retryable), the only MigrationError the API shows
         └── FatalTaskError     retrying cannot help (bad payload, rejected key, ...)
 
 Errors become envelope codes in exactly one place: ``cdcd.server``.
@@ -58,6 +60,13 @@ class MigrationError(CdcdError):
 
 class EndpointError(MigrationError):
     """A server could not be reached, refused us, or dropped the link."""
+
+
+class StoreError(MigrationError):
+    """The metadata store cannot be written (disk full, read-only, I/O error) or read."""
+
+    code = 503
+    error = "store_unavailable"
 
 
 class FatalTaskError(MigrationError):

@@ -16,6 +16,19 @@ METHODS = ("full_amount_migration", "incremental_migration")
 READERS = ("auto", "psync", "scan")
 RESUME_MODES = ("auto", "manual")
 EXISTING_KEYS = ("replace", "skip", "fail")
+EVICTION_ACTIONS = ("warn", "fail")
+# Bounds on what one spec may hold, so one task cannot make the store megabytes long.
+MAX_NAME = 256
+MAX_SECRET = 4096
+MAX_USERNAME = 256
+MAX_ADDRS = 64
+MAX_HOST = 255
+MAX_PREFIXES = 256
+MAX_PREFIX_BYTES = 1024
+MAX_DB_LIST = 1024
+MAX_DB_MAPPING = 1024
+LINK_TIMEOUT_S = 60           # like Redis's repl-timeout
+MAX_LINK_TIMEOUT_S = 3600
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
 PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -69,6 +82,14 @@ class Filter:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ContinuousVerify:
+    """Compare ``sample`` random keys every ``every_s`` seconds while the task runs."""
+
+    sample: int = 1000
+    every_s: int = 300
+
+
+@dataclass(frozen=True, kw_only=True)
 class TaskSpec:
     task_id: str
     name: str = ""
@@ -82,6 +103,12 @@ class TaskSpec:
     filter: Filter = field(default_factory=Filter)
     db_mapping: dict[int, int] = field(default_factory=dict)
     existing_keys: str = "replace"
+    # Another task may write the same target dbs (the operator vouches for it).
+    shared_target: bool = False
+    # Seconds without an answer from a server before its link is declared dead.
+    link_timeout_s: int = LINK_TIMEOUT_S
+    on_target_eviction: str = "warn"
+    continuous_verify: ContinuousVerify | None = None
 
     @property
     def incremental(self) -> bool:
@@ -111,6 +138,12 @@ class TaskSpec:
             },
             "db_mapping": {str(k): v for k, v in sorted(self.db_mapping.items())},
             "existing_keys": self.existing_keys,
+            "shared_target": self.shared_target,
+            "link_timeout_s": self.link_timeout_s,
+            "on_target_eviction": self.on_target_eviction,
+            "continuous_verify": (None if self.continuous_verify is None else
+                                  {"sample": self.continuous_verify.sample,
+                                   "every_s": self.continuous_verify.every_s}),
         }
         return out
 
@@ -180,8 +213,12 @@ def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
     else:
         raise RequestError(f"{path}: must be a string 'host:port[,host:port]' or a list of them")
     out: list[tuple[str, int]] = []
+    if len(parts) > MAX_ADDRS:
+        raise RequestError(f"{path}: at most {MAX_ADDRS} addresses")
     for part in parts:
         host, sep, port = part.rpartition(":")
+        if len(host) > MAX_HOST + 2:
+            raise RequestError(f"{path}: host name longer than {MAX_HOST} characters")
         if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
             raise RequestError(f"{path}: {part!r} is not host:port")
         out.append((host.strip("[]"), int(port)))
@@ -194,19 +231,30 @@ def parse_endpoint(fields: _Fields) -> Endpoint:
     addrs = fields.pop("addrs", (str, list), required=True)
     ep = Endpoint(
         addrs=parse_addrs(addrs, fields._name("addrs")),
-        username=fields.pop("username", str, ""),
-        password=fields.pop("password", str, ""),
+        username=_bounded(fields, "username", MAX_USERNAME),
+        password=_bounded(fields, "password", MAX_SECRET),
         tls=fields.pop("tls", bool, False),
     )
     fields.done()
     return ep
 
 
+def _bounded(fields: _Fields, key: str, limit: int) -> str:
+    value = str(fields.pop(key, str, ""))
+    if len(value) > limit:
+        raise RequestError(f"{fields._name(key)}: at most {limit} characters")
+    return value
+
+
 def _prefixes(fields: _Fields, key: str) -> tuple[bytes, ...]:
     items = fields.pop(key, list, [])
+    if len(items) > MAX_PREFIXES:
+        raise RequestError(f"{fields._name(key)}: at most {MAX_PREFIXES} prefixes")
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item:
             raise RequestError(f"{fields._name(key)}[{i}]: must be a non-empty string")
+        if len(item.encode("utf-8", "surrogateescape")) > MAX_PREFIX_BYTES:
+            raise RequestError(f"{fields._name(key)}[{i}]: at most {MAX_PREFIX_BYTES} bytes")
     return tuple(str(item).encode("utf-8", "surrogateescape") for item in items)
 
 
@@ -215,6 +263,11 @@ def parse_filter(fields: _Fields | None) -> Filter:
         return Filter()
     dbs = fields.pop("dbs", list, None)
     if dbs is not None:
+        if not dbs:
+            raise RequestError(f"{fields._name('dbs')}: must list at least one db (leave it "
+                               f"out to copy every db)")
+        if len(dbs) > MAX_DB_LIST:
+            raise RequestError(f"{fields._name('dbs')}: at most {MAX_DB_LIST} dbs")
         for i, db in enumerate(dbs):
             if isinstance(db, bool) or not isinstance(db, int) or not 0 <= db <= MAX_DB:
                 raise RequestError(f"{fields._name('dbs')}[{i}]: must be a db number 0..{MAX_DB}")
@@ -246,7 +299,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
         task_id = uuid.uuid4().hex
     elif not TASK_ID_RE.fullmatch(task_id):
         raise RequestError(f"{path}.task_id: use 1-128 letters, digits, '_', '.', '-'")
-    name = f.pop("name", str, "")
+    name = _bounded(f, "name", MAX_NAME)
     src = f.sub("source", required=True)
     dst = f.sub("target", required=True)
     assert src is not None and dst is not None
@@ -262,6 +315,8 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     start_at = parse_time(start_raw, f"{path}.start_at") if start_raw else None
     flt = parse_filter(f.sub("filter"))
     mapping_raw = f.pop("db_mapping", dict, {})
+    if len(mapping_raw) > MAX_DB_MAPPING:
+        raise RequestError(f"{path}.db_mapping: at most {MAX_DB_MAPPING} entries")
     mapping: dict[int, int] = {}
     for k, v in mapping_raw.items():
         if not (isinstance(k, str) and DB_RE.fullmatch(k) and int(k) <= MAX_DB):
@@ -270,13 +325,33 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
             raise RequestError(f"{path}.db_mapping.{k}: must be a db number 0..{MAX_DB}")
         mapping[int(k)] = v
     existing = f.choice("existing_keys", EXISTING_KEYS, "replace")
+    shared = f.pop("shared_target", bool, False)
+    link_timeout = f.pop("link_timeout_s", int, LINK_TIMEOUT_S)
+    if not 1 <= link_timeout <= MAX_LINK_TIMEOUT_S:
+        raise RequestError(f"{path}.link_timeout_s: must be 1..{MAX_LINK_TIMEOUT_S}")
+    eviction = f.choice("on_target_eviction", EVICTION_ACTIONS, "warn")
+    cv = parse_continuous_verify(f.sub("continuous_verify"))
     f.done()
     if source.addrs == target.addrs:
         raise RequestError(f"{path}.target.addrs: must differ from source.addrs")
     return TaskSpec(task_id=task_id, name=name, source=source, target=target,
                     migration_method=method, reader=reader, resume_mode=resume_mode,
                     bandwidth_limit_mb=bw, start_at=start_at, filter=flt, db_mapping=mapping,
-                    existing_keys=existing)
+                    existing_keys=existing, shared_target=shared, link_timeout_s=link_timeout,
+                    on_target_eviction=eviction, continuous_verify=cv)
+
+
+def parse_continuous_verify(fields: _Fields | None) -> ContinuousVerify | None:
+    if fields is None:
+        return None
+    sample = fields.pop("sample", int, 1000)
+    every = fields.pop("every_s", int, 300)
+    fields.done()
+    if not 1 <= sample <= 100_000:
+        raise RequestError(f"{fields.path}.sample: must be 1..100000")
+    if not 10 <= every <= 86_400:
+        raise RequestError(f"{fields.path}.every_s: must be 10..86400")
+    return ContinuousVerify(sample=sample, every_s=every)
 
 
 def spec_from_store(data: dict[str, Any]) -> TaskSpec:

@@ -19,16 +19,12 @@ from typing import Any
 
 import orjson
 
-from .errors import CdcdError
+from .errors import StoreError
 
 log = logging.getLogger("cdcd.store")
 
 STORE_VERSION = 1
 FILE_NAME = "cdcd.json"
-
-
-class StoreError(CdcdError):
-    pass
 
 
 class Store:
