@@ -22,8 +22,20 @@ class Progress:
     bytes_written: int = 0
     retries: int = 0
     full_resyncs: int = 0
+    target_resets: int = 0   # times the target was found not to hold what we had applied
+    target_evicted_keys: int = 0   # keys the target evicted while the task ran
+    target_policy: str = ""  # the target's maxmemory-policy, as last seen
     errors: int = 0          # errors recorded in last_error (counted by its setter, below)
     last_error: str = ""
+    last_error_at: str = ""
+    status: str = ""         # what the phase is doing now (e.g. waiting for the source's RDB)
+    snapshot_started: float = 0.0   # monotonic time the current snapshot began (for the ETA)
+    verify_runs: int = 0     # continuous_verify: rounds done, and what the last one found
+    verify_sampled: int = 0
+    verify_drift: int = 0
+    verify_drift_total: int = 0
+    verify_last_at: str = ""
+    verify_last_error: str = ""
     last_checkpoint_at: str = ""
     reader: str = ""
     _rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
@@ -47,16 +59,27 @@ class Progress:
             percent = round(min(99.9, 100.0 * self.keys_done / total), 1)
         else:
             percent = 0.0
+        eta: float | None = None
+        if not self.snapshot_done and self.keys_total and self.snapshot_started:
+            elapsed = time.monotonic() - self.snapshot_started
+            if self.keys_done and elapsed > 0:
+                rate = self.keys_done / elapsed
+                eta = round(max(0.0, self.keys_total - self.keys_done) / rate, 1)
         out: dict[str, Any] = {
             "snapshot": {"keys_total": total, "keys_done": self.keys_done,
                          "keys_skipped": self.keys_skipped, "bytes": self.snapshot_bytes,
-                         "percent": percent},
+                         "percent": percent, "eta_s": eta},
+            "status": self.status,
             "ops_per_sec": self.ops_per_sec(),
             "bytes_written": self.bytes_written,
             "retries": self.retries,
             "errors": self.errors,
             "full_resyncs": self.full_resyncs,
+            "target_resets": self.target_resets,
+            "target_eviction": {"evicted_keys": self.target_evicted_keys,
+                                "maxmemory_policy": self.target_policy},
             "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
             "last_checkpoint_at": self.last_checkpoint_at,
             "reader": self.reader,
         }
@@ -76,7 +99,10 @@ class Progress:
                 "snapshot_done": self.snapshot_done, "ops_applied": self.ops_applied,
                 "bytes_written": self.bytes_written, "retries": self.retries,
                 "full_resyncs": self.full_resyncs, "errors": self.errors,
-                "last_error": self.last_error,
+                "target_resets": self.target_resets,
+                "target_evicted_keys": self.target_evicted_keys,
+                "verify_runs": self.verify_runs, "verify_drift_total": self.verify_drift_total,
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "applied_offset": self.applied_offset,
                 "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader}
 
@@ -85,6 +111,19 @@ class Progress:
         known = {k: v for k, v in rec.items() if k in cls.__dataclass_fields__ and
                  not k.startswith("_")}
         return cls(**known)
+
+    def verify_view(self) -> dict[str, Any]:
+        """continuous_verify's figures: rounds, the last round's sample and drift."""
+        return {"runs": self.verify_runs, "last_at": self.verify_last_at,
+                "sampled": self.verify_sampled, "drift": self.verify_drift,
+                "drift_total": self.verify_drift_total, "last_error": self.verify_last_error}
+
+    def begin_snapshot(self, keys_total: int = 0) -> None:
+        """Reset the snapshot counters for a new (or redone) snapshot."""
+        self.keys_done = self.keys_skipped = self.snapshot_bytes = 0
+        self.keys_total = keys_total
+        self.snapshot_done = False
+        self.snapshot_started = time.monotonic()
 
 
 def _get_last_error(self: Progress) -> str:

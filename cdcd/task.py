@@ -12,15 +12,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .entry import Batch
-from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError, MigrationError
-from .precheck import run_prechecks
+from .errors import (
+    CdcdError,
+    ConflictError,
+    EndpointError,
+    FatalTaskError,
+    MigrationError,
+    StoreError,
+)
+from .markers import Markers, is_cdcd_key
+from .precheck import PREFIX_SCAN_LIMIT, run_prechecks
+from .precheck import _writes_db as writes_db
 from .progress import Progress
 from .ratelimit import TokenBucket
 from .readers.notify import NotificationFeed
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.scan import ScanSnapshot
-from .resp import Connection, ServerReplyError, keyspace, parse_info
+from .resp import Arg, Connection, ReplyError, ServerReplyError, keyspace, parse_info
 from .spec import TaskSpec
+from .verify import Verification
 from .writer import Writer
 
 log = logging.getLogger("cdcd.task")
@@ -29,6 +39,8 @@ QUEUE_BATCHES = 8
 CHECKPOINT_EVERY = 1.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+WATCH_EVERY = 2.0          # seconds between looks at the target (eviction, liveness)
+MAX_TEXT = 2000            # reason / last_error are cut to this many characters
 
 
 class State(enum.StrEnum):
@@ -45,7 +57,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.RUNNING: frozenset({State.PAUSED, State.FAILED, State.SUCCEEDED}),
     State.PAUSED: frozenset({State.RUNNING, State.INITIAL}),
     State.FAILED: frozenset({State.RUNNING, State.INITIAL, State.PAUSED}),
-    State.SUCCEEDED: frozenset(),
+    State.SUCCEEDED: frozenset({State.RUNNING}),   # only by an operator's resync
 }
 
 
@@ -54,14 +66,23 @@ def now_iso() -> str:
 
 
 PersistFn = Callable[["Task", bool], Awaitable[None]]
+PeersFn = Callable[[], list["Task"]]
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
 
 
 class Task:
-    def __init__(self, spec: TaskSpec, persist: PersistFn, *, record: dict[str, Any] | None = None
-                 ) -> None:
+    def __init__(self, spec: TaskSpec, persist: PersistFn, *, record: dict[str, Any] | None = None,
+                 peers: PeersFn = lambda: []) -> None:
         rec = record or {}
         self.spec = spec
         self.persist_fn = persist
+        self.peers = peers          # the daemon's other tasks (shared-target rules)
+        self.markers = Markers(spec.task_id)
+        # The target server's identity, learned at every connect (same server, two names).
+        self.target_run_id: str | None = rec.get("target_run_id")
         self.state = State(rec.get("state", State.INITIAL.value))
         self.phase: str = rec.get("phase", "")
         self.reason: str = rec.get("reason", "")
@@ -72,6 +93,10 @@ class Task:
         self.runner: asyncio.Task[None] | None = None
         self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
         self.prechecks: list[dict[str, str]] = rec.get("prechecks", [])
+        # What Running shows in ``reason`` when healthy: the reader fallback, the cause of
+        # the last resync or target loss. A retry shows "retrying after: ..." until healthy.
+        self.note: str = rec.get("note", self.reason if self.state == State.RUNNING and
+                                 not self.reason.startswith("retrying") else "")
         self._dirty = False
 
     # --- view and persistence ---------------------------------------------------------------
@@ -86,9 +111,16 @@ class Task:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "spec": self.spec.to_json(mask=True),
-            "progress": self.progress.view(incremental=self.spec.incremental),
+            "progress": self._progress_view(),
             "prechecks": self.prechecks,
+            "markers": self.markers.keys if self.spec.incremental else [],
         }
+
+    def _progress_view(self) -> dict[str, Any]:
+        out = self.progress.view(incremental=self.spec.incremental)
+        if self.spec.continuous_verify is not None:
+            out["continuous_verify"] = self.progress.verify_view()
+        return out
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -102,12 +134,48 @@ class Task:
             "progress": self.progress.to_record(),
             "fallback": self.fallback,
             "prechecks": self.prechecks,
+            "note": self.note,
+            "target_run_id": self.target_run_id,
         }
 
     async def persist(self, *, lazy: bool = False) -> None:
-        """Save the task's record; ``lazy`` (periodic checkpoints) may share a write."""
+        """Save the task's record; ``lazy`` (periodic checkpoints) may share a write.
+
+        Raises StoreError when the store cannot be written: an outage of this task.
+        """
         self._dirty = False
-        await self.persist_fn(self, lazy)
+        try:
+            await self.persist_fn(self, lazy)
+        except StoreError:
+            self._dirty = True
+            raise
+
+    async def persist_quietly(self) -> None:
+        """Save the record where a failure must not mask what is being reported (an error
+        path, a stop): the record stays in the store's memory and is written as soon as
+        the disk takes it."""
+        try:
+            await self.persist()
+        except StoreError as exc:
+            log.error("task %s: %s", self.spec.task_id, exc.message)
+
+    def record_error(self, message: str) -> None:
+        self.progress.last_error = _cut(message)
+        self.progress.last_error_at = now_iso()
+
+    def set_note(self, note: str) -> None:
+        """Say something the operator should know (a resync and why); shown in reason."""
+        self.note = _cut(note)
+        if self.state == State.RUNNING:
+            self.reason = self.note
+        log.warning("task %s: %s", self.spec.task_id, note)
+
+    def healthy(self) -> None:
+        """The pipeline works again after a retry: ``reason`` stops saying 'retrying'."""
+        if self.reason != self.note and self.state == State.RUNNING:
+            self.reason = self.note
+            self.updated_at = now_iso()
+            self._dirty = True
 
     def set_state(self, state: State, *, reason: str = "", phase: str | None = None) -> None:
         if state != self.state and state not in TRANSITIONS[self.state]:
@@ -117,7 +185,7 @@ class Task:
             log.info("task %s: %s -> %s%s", self.spec.task_id, self.state.value, state.value,
                      f" ({reason})" if reason else "")
         self.state = state
-        self.reason = reason
+        self.reason = _cut(reason)
         if phase is not None:
             self.phase = phase
         self.updated_at = now_iso()
@@ -149,7 +217,7 @@ class Task:
             except asyncio.CancelledError:
                 if asyncio.current_task() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise
-        await self.persist()
+        await self.persist_quietly()
 
     # --- the pipeline ---------------------------------------------------------------------
 
@@ -162,18 +230,18 @@ class Task:
                     self.set_phase("scheduled")
                     log.info("task %s: waiting until %s (start_at)", spec.task_id,
                              spec.to_json(mask=True)["start_at"])
-                    await self.persist()
+                    await self.persist_quietly()
                     await asyncio.sleep(wait)
             if self.state != State.RUNNING:
-                self.set_state(State.RUNNING)
-                await self.persist()
+                self.set_state(State.RUNNING, reason=self.note)
+                await self.persist_quietly()
             await self._attempts()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: fail this task, keep the daemon and the others
             log.exception("task %s: internal error", spec.task_id)
             self.set_state(State.FAILED, reason=f"internal error: {type(exc).__name__}: {exc}")
-            await self.persist()
+            await self.persist_quietly()
 
     async def _attempts(self) -> None:
         delay = BACKOFF_START
@@ -182,39 +250,50 @@ class Task:
                 await self._pipeline()
                 return
             except MigrationError as exc:
-                self.progress.last_error = exc.message
+                self.record_error(exc.message)
                 log.warning("task %s: %s", self.spec.task_id, exc.message)
                 never_started = not self.checkpoint
                 if (not exc.retryable or self.spec.resume_mode == "manual"
-                        or (never_started and self.phase == "precheck")):
+                        or (never_started and self.phase == "precheck"
+                            and not isinstance(exc, StoreError))):
                     self.set_state(State.FAILED, reason=exc.message)
-                    await self.persist()
+                    await self.persist_quietly()
                     return
                 self.progress.retries += 1
-                self.reason = f"retrying after: {exc.message}"
-                await self.persist()
+                self.reason = _cut(f"retrying after: {exc.message}")
+                self.updated_at = now_iso()
+                await self.persist_quietly()
                 wait = delay * (0.5 + random.random() / 2)
                 log.info("task %s: retry %d in %.1f s", self.spec.task_id,
                          self.progress.retries, wait)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX)
 
+    @property
+    def fresh(self) -> bool:
+        """No data was written to the target yet (existing keys are the operator's)."""
+        return not self.checkpoint
+
     async def _pipeline(self) -> None:
         spec = self.spec
         self.set_phase("precheck")
+        self.progress.status = ""
+        await self.persist()    # the store must take our records before any data moves
         source = await Connection.open_endpoint(spec.source, role="source")
         try:
             target = await Connection.open_endpoint(spec.target, role="target")
         except BaseException:
             source.close()
             raise
+        target.io_timeout = float(spec.link_timeout_s)
         try:
             await self._precheck()
+            restarted = await self._start_writing(target)
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
             self.progress.reader = reader
             if reader == "psync":
                 try:
-                    await self._run_psync(source, target)
+                    await self._run_psync(source, target, restarted)
                 except PsyncRefused as exc:
                     if spec.reader != "auto" or self.checkpoint.get("stream"):
                         raise
@@ -222,82 +301,155 @@ class Task:
                                 spec.task_id, exc.message)
                     self.progress.reader = reader = "scan"
                     self.fallback = f"reader auto fell back to scan: {exc.message}"
+                    self.note = self.fallback
             if reader == "scan" and spec.incremental:
                 await self._scan_incremental(source, target)
             elif reader == "scan" and not self.progress.snapshot_done:
                 self.set_phase("snapshot")
-                self.reason = self.fallback
+                self.reason = self.note
                 await self.persist()
                 await self._scan_snapshot(source, target)
-            self.set_state(State.SUCCEEDED, phase="done", reason=self.fallback)
+            self.set_state(State.SUCCEEDED, phase="done", reason=self.note)
+            self.progress.status = ""
             await self.persist()
         finally:
             source.close()
             target.close()
 
-    async def _target_marker(self, target: Connection) -> StreamPos | None:
-        """Read the checkpoint the target itself holds (written with every stream batch)."""
-        await target.select(0)
-        raw = await target.call("GET", self.marker_key)
-        if not raw:
-            return None
+    async def _start_writing(self, target: Connection) -> bool:
+        """Learn who the target is and record, before the first write, that the task
+        writes it; return whether an earlier attempt may have written already.
+
+        The first time, note whether the task's scope on the target held keys then
+        (``preexisting``): a redone snapshot may replace and remove only what the task
+        wrote, and only without such keys can it tell the two apart.
+        """
+        info = parse_info(await target.call("INFO", "server"))
+        run_id = info.get("run_id") or None
+        started = self.checkpoint.get("started")
+        if run_id != self.target_run_id:
+            if (self.target_run_id and run_id and self.checkpoint.get("snapshot")
+                    and not self.progress.snapshot_done):
+                # A scan snapshot resumes from its cursor: not onto a target that restarted
+                # meanwhile (what it copied before may be gone).
+                self.set_note(f"{target.name} restarted during the snapshot (run_id "
+                              f"{self.target_run_id[:8]} -> {run_id[:8]}); snapshot redone")
+                self.progress.target_resets += 1
+                self.checkpoint["resync"] = "the target restarted during the snapshot"
+            self.target_run_id = run_id
+        if started is None and not self.fresh:
+            started = {"at": now_iso(), "preexisting": True}   # a record of an older cdcd
+            self.checkpoint["started"] = started
+        if started is None:
+            self.checkpoint["started"] = {"at": now_iso(),
+                                          "preexisting": await self._scope_holds_keys(target)}
+            await self.persist()
+            return False
+        return True
+
+    async def _scope_holds_keys(self, target: Connection) -> bool:
+        """Say whether the target holds keys the task could write (cdcd's own excluded)."""
+        spec = self.spec
+        held = keyspace(parse_info(await target.call("INFO", "keyspace")))
         try:
-            replid, offset, db = raw.decode().split()
-            return StreamPos(replid=replid, offset=int(offset), db=int(db))
-        except ValueError:
-            raise FatalTaskError(f"{target.name}: checkpoint key {self.marker_key.decode()} "
-                                 f"holds {raw[:60]!r}, not a cdcd checkpoint") from None
+            for db, n in sorted(held.items()):
+                if not n or not writes_db(spec, db):
+                    continue
+                if n > PREFIX_SCAN_LIMIT:
+                    return True
+                await target.select(db)
+                cursor = b"0"
+                while True:
+                    cursor, keys = await target.call("SCAN", cursor, "COUNT", 1000)
+                    if any(spec.filter.key_ok(k) and not is_cdcd_key(k) for k in keys):
+                        return True
+                    if cursor == b"0":
+                        break
+        finally:
+            await target.select(0)
+        return False
 
-    @property
-    def marker_key(self) -> bytes:
-        return f"cdcd:checkpoint:{self.spec.task_id}".encode()
+    def _replace(self, resync: bool) -> bool:
+        """Whether snapshot keys replace the target's: per existing_keys, except in a
+        resync of a target whose scope held nothing before the task (every key there is
+        the task's own copy, which must be brought up to date)."""
+        if self.spec.existing_keys != "skip":
+            return True
+        return resync and not self.checkpoint.get("started", {}).get("preexisting", True)
 
-    def _marker(self, checkpoint: Any) -> list[bytes] | None:
-        if not isinstance(checkpoint, StreamPos):
-            return None
-        value = f"{checkpoint.replid} {checkpoint.offset} {checkpoint.db}".encode()
-        return [b"SET", self.marker_key, value]
+    def _cleanup_allowed(self) -> bool:
+        """A resync removes stale keys unless they cannot be told from the target's own."""
+        return self.spec.existing_keys != "skip" or \
+            not self.checkpoint.get("started", {}).get("preexisting", True)
 
-    async def _run_psync(self, source: Connection, target: Connection) -> None:
+    async def _run_psync(self, source: Connection, target: Connection,
+                         restarted: bool) -> None:
         spec = self.spec
         local = StreamPos.from_json(self.checkpoint.get("stream"))
-        remote = await self._target_marker(target) if spec.incremental else None
-        resume = local
-        if remote is not None and (local is None or (remote.replid == local.replid and
-                                                     remote.offset > local.offset)):
-            # The target applied batches whose checkpoint the store did not get to keep.
-            resume = remote
-        if not spec.incremental:
-            resume = None
+        forced = self.checkpoint.get("resync")
+        resume: StreamPos | None = None
+        if spec.incremental and not forced:
+            verdict = await self.markers.judge(target, local)
+            if verdict.lost:
+                self.progress.target_resets += 1
+                self.set_note(verdict.lost)
+                if verdict.full:
+                    forced = self.checkpoint["resync"] = "the target lost the data"
+                    self.checkpoint.pop("stream", None)
+                await self.persist()
+            resume = verdict.resume
+        # A full sync after data was written (a crash during the first snapshot, a resync
+        # asked for or forced by the target) must end exact: stale keys removed after it.
+        resync = bool(forced) or restarted
         host, port = spec.source.addrs[0]
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+        keys_total = await self._source_keys(source)
 
         def on_full_sync(replid: str, offset: int) -> None:
-            if resume is not None:
+            redo = resync or resume is not None
+            if redo:
                 self.progress.full_resyncs += 1
-                self.reason = (f"source answered a full resync (offset {resume.offset + 1} of "
-                               f"{resume.replid} no longer in its backlog); snapshot redone")
-                log.warning("task %s: %s", spec.task_id, self.reason)
+                if forced:
+                    why = f"full resync ({forced})"
+                elif resume is not None:
+                    why = (f"source answered a full resync (offset {resume.offset + 1} of "
+                           f"{resume.replid} no longer in its backlog)")
+                else:
+                    why = "the first snapshot was interrupted"
+                note = f"{why}; snapshot redone"
+                if not self._cleanup_allowed():
+                    note += (": existing_keys is skip and the target held keys before the "
+                             "task, so keys copied earlier are neither replaced nor removed "
+                             "(run verify)")
+                self.set_note(note)
+            reader.replace = writer.replace = self._replace(redo)
             p = self.progress
-            p.keys_done = p.keys_total = p.snapshot_bytes = p.keys_skipped = 0
-            p.snapshot_done = False
+            p.begin_snapshot(keys_total)
+            p.source_offset = p.applied_offset = offset
+            p.status = "waiting for the source to produce its RDB"
             self.set_phase("snapshot")
 
         def on_stream() -> None:
             self.set_phase("incremental")
+            self.progress.status = "streaming"
 
         rdb_applied = asyncio.Event()
 
         async def after_rdb(seen: set[int] | None) -> None:
             await rdb_applied.wait()
-            if seen is not None:
-                removed = await remove_stale_keys(spec, seen, self.marker_key)
+            if seen is not None and self._cleanup_allowed():
+                self.progress.status = "removing target keys the source no longer has"
+                removed = await remove_stale_keys(spec, rdb_lacks(spec, seen), self._foreign)
                 log.info("task %s: resync removed %d target keys the source no longer has",
                          spec.task_id, removed)
+            if self.checkpoint.pop("resync", None) is not None:
+                await self.persist()
+            self.progress.status = "streaming" if spec.incremental else ""
 
         reader = PsyncReader(spec, self.progress, resume=resume, host=host, port=port,
-                             rdb_only=not spec.incremental, on_full_sync=on_full_sync,
-                             on_stream=on_stream, after_rdb=after_rdb)
+                             rdb_only=not spec.incremental, resync=resync,
+                             on_full_sync=on_full_sync, on_stream=on_stream,
+                             after_rdb=after_rdb)
         writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
                         db_map=spec.target_db, limiter=self._limiter(),
                         marker=self._marker if spec.incremental else None)
@@ -305,7 +457,9 @@ class Task:
         async def ack(batch: Batch) -> None:
             pos = batch.checkpoint
             if isinstance(pos, StreamPos):
-                rdb_applied.set()
+                if not rdb_applied.is_set():
+                    rdb_applied.set()
+                    self.healthy()
                 reader.acked(pos)
                 self.progress.applied_offset = pos.offset
                 self.progress.source_offset = max(self.progress.source_offset, pos.offset)
@@ -314,9 +468,31 @@ class Task:
                 self._dirty = True
 
         await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
-                           self._poll_source(source, reader))
+                           self._poll_source(source, reader), self._watch_target(),
+                           *self._verifier())
         self.progress.snapshot_done = True
         await self.persist()
+
+    def _marker(self, checkpoint: Any) -> list[bytes] | None:
+        return self.markers.command(checkpoint) if isinstance(checkpoint, StreamPos) else None
+
+    async def _source_keys(self, source: Connection) -> int:
+        """How many keys the source's selected dbs hold now (a snapshot's keys_total)."""
+        held = keyspace(parse_info(await source.call("INFO", "keyspace")))
+        return sum(n for db, n in held.items() if self.spec.filter.db_ok(db))
+
+    def _foreign(self, tdb: int, key: bytes) -> bool:
+        """Say whether a target key belongs to cdcd or may belong to another task that
+        shares the target: a stale-key cleanup never touches those."""
+        if is_cdcd_key(key):
+            return True
+        for other in self.peers():
+            if other is self or other.state == State.SUCCEEDED:
+                continue
+            if other.target_run_id and other.target_run_id == self.target_run_id and \
+                    writes_db(other.spec, tdb) and other.spec.filter.key_ok(key):
+                return True
+        return False
 
     async def _poll_source(self, source: Connection, reader: PsyncReader) -> None:
         """Every second: sample the source's offset (so lag counts what we have not read
@@ -325,7 +501,11 @@ class Task:
         while True:
             info = parse_info(await source.call("INFO", "replication"))
             off = int(info.get("master_repl_offset", "0") or 0)
-            self.progress.source_offset = max(self.progress.source_offset, off)
+            # Only an offset of the history we follow: a restarted source starts a new one
+            # (new replid, offsets from 0), which the reader meets with a full resync.
+            if reader.replid and reader.replid in (info.get("master_replid"),
+                                                   info.get("master_replid2")):
+                self.progress.source_offset = max(off, self.progress.applied_offset)
             if beats and self.phase == "incremental":
                 try:
                     await source.call(*reader.heartbeat())
@@ -336,13 +516,80 @@ class Task:
                                 exc.reply)
             await asyncio.sleep(1.0)
 
+    async def _watch_target(self) -> None:
+        """Look at the target every few seconds on a connection of its own: a target that
+        stops answering is a dead link (the writer may be waiting on a reply that never
+        comes), and keys it evicts break the copy (reported; ``on_target_eviction: fail``
+        stops the task)."""
+        spec = self.spec
+        conn = await Connection.open_endpoint(spec.target, role="target")
+        last: int | None = None
+        try:
+            while True:
+                try:
+                    raw = await conn.call("INFO", "stats", timeout=float(spec.link_timeout_s))
+                    mem = await conn.call("INFO", "memory", timeout=float(spec.link_timeout_s))
+                except EndpointError as exc:
+                    raise EndpointError(f"{exc.message} (target probe)") from None
+                info = {**parse_info(raw), **parse_info(mem)}
+                evicted = int(info.get("evicted_keys", "0") or 0)
+                self.progress.target_policy = info.get("maxmemory_policy", "")
+                if last is not None:
+                    new = evicted - last if evicted >= last else evicted   # restarted: reset
+                    if new > 0:
+                        self.progress.target_evicted_keys += new
+                        msg = (f"{conn.name} evicted {new} keys (maxmemory-policy "
+                               f"{self.progress.target_policy}, "
+                               f"{self.progress.target_evicted_keys} since the task started "
+                               f"watching): the copy is no longer exact")
+                        if spec.on_target_eviction == "fail":
+                            raise FatalTaskError(msg + "; raise the target's maxmemory or "
+                                                 "set maxmemory-policy noeviction, then resync")
+                        self.record_error(msg)
+                        self.set_note(msg)
+                last = evicted
+                await asyncio.sleep(WATCH_EVERY)
+        finally:
+            conn.close()
+
+    def _verifier(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._continuous_verify()] if self.spec.continuous_verify else []
+
+    async def _continuous_verify(self) -> None:
+        """Every ``every_s``, compare a sample of keys (rechecked once the target caught up,
+        so lag is not drift); what differs goes to the view and /metrics."""
+        from .verifications import caught_up, checkpoint_excluded
+        cv = self.spec.continuous_verify
+        assert cv is not None
+        while True:
+            await asyncio.sleep(cv.every_s)
+            if self.phase != "incremental":
+                continue
+            v = Verification(checkpoint_excluded(self.spec), sample=cv.sample,
+                             recheck=caught_up(self), keys_per_sec=max(cv.sample / 10, 100))
+            result = await v.run()
+            p = self.progress
+            p.verify_runs += 1
+            p.verify_last_at = now_iso()
+            if result["state"] != "done":
+                p.verify_last_error = _cut(result["error"])
+                continue
+            r = result["result"]
+            p.verify_sampled, p.verify_drift = r["keys_checked"], r["differences"]
+            p.verify_drift_total += r["differences"]
+            p.verify_last_error = ""
+            if r["differences"]:
+                self.record_error(f"continuous_verify: {r['differences']} of {r['keys_checked']}"
+                                  f" sampled keys differ on the target")
+                log.warning("task %s: %s", self.spec.task_id, self.progress.last_error)
+
     def _limiter(self) -> TokenBucket | None:
         mb = self.spec.bandwidth_limit_mb
         return TokenBucket(mb * 1_000_000) if mb else None
 
     async def _precheck(self) -> None:
         """Run every check; errors stop the task, warnings are only shown."""
-        fresh = not self.checkpoint
+        fresh = self.fresh
         checks = await run_prechecks(self.spec, fresh=fresh)
         self.prechecks = [c.to_json() for c in checks]
         bad = [c for c in checks if c.status == "error"]
@@ -353,17 +600,48 @@ class Task:
             raise FatalTaskError(reason)
         raise EndpointError(reason)   # data moved already: retry per resume_mode
 
+    def _forced_scan_resync(self) -> str | None:
+        """Start a scan snapshot over when a resync is due; return why (None: no resync)."""
+        forced = self.checkpoint.get("resync")
+        if forced:
+            self.checkpoint.pop("snapshot", None)
+            self.progress.full_resyncs += 1
+            self.set_note(f"full resync ({forced}); snapshot redone")
+        if not self.checkpoint.get("snapshot"):
+            self.progress.begin_snapshot()
+        return str(forced) if forced else None
+
     async def _scan_snapshot(self, source: Connection, target: Connection) -> None:
         spec = self.spec
+        forced = self._forced_scan_resync()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
-        writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
+        writer = Writer(target, progress=self.progress, replace=self._replace(bool(forced)),
                         db_map=spec.target_db, limiter=self._limiter())
         reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
+        reader.replace = writer.replace
         await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
-                           self._checkpointer())
+                           self._checkpointer(), self._watch_target())
+        if forced:
+            await self._scan_cleanup()
         self.progress.snapshot_done = True
         self.checkpoint["snapshot"] = {"done": True}
+        self.checkpoint.pop("resync", None)
         await self.persist()
+
+    async def _scan_cleanup(self) -> None:
+        """After a redone scan snapshot, remove target keys the source no longer holds."""
+        if not self._cleanup_allowed():
+            return
+        self.progress.status = "removing target keys the source no longer has"
+        src = await Connection.open_endpoint(self.spec.source, role="source")
+        try:
+            removed = await remove_stale_keys(self.spec, source_lacks(self.spec, src),
+                                              self._foreign)
+        finally:
+            src.close()
+        self.progress.status = ""
+        log.info("task %s: resync removed %d target keys the source no longer has",
+                 self.spec.task_id, removed)
 
     async def _scan_incremental(self, source: Connection, target: Connection) -> None:
         """SCAN snapshot, then follow keyspace notifications (best effort, never ends).
@@ -373,24 +651,30 @@ class Task:
         """
         spec = self.spec
         p = self.progress
-        p.keys_done = p.keys_total = p.snapshot_bytes = p.keys_skipped = 0
-        p.snapshot_done = False
         self.checkpoint.pop("snapshot", None)
+        forced = self._forced_scan_resync()
         self.set_phase("snapshot")
-        self.reason = (self.fallback + "; " if self.fallback else "") + \
+        self.note = (self.fallback + "; " if self.fallback else "") + \
             "incremental changes come from keyspace notifications (best effort)"
+        self.reason = self.note
         await self.persist()
         feed = NotificationFeed(spec, p)
         await feed.subscribe()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
-        writer = Writer(target, progress=p, replace=spec.existing_keys != "skip",
+        # Every start redoes the snapshot: after the first, the scope holds our own copies.
+        writer = Writer(target, progress=p, replace=self._replace(True),
                         db_map=spec.target_db, limiter=self._limiter())
         scan = ScanSnapshot(source, spec, p, None)
+        scan.replace = writer.replace
 
         async def produce() -> None:
             await scan.run(queue, end=False)
+            if forced:
+                await self._scan_cleanup()
+                self.checkpoint.pop("resync", None)
             p.snapshot_done = True
             self.set_phase("incremental")
+            self.healthy()
             feed.snapshot_done.set()
             await feed.run(queue)
 
@@ -401,7 +685,7 @@ class Task:
 
         try:
             await run_pipeline(produce(), writer.run(queue, ack), feed.listen(),
-                               self._checkpointer())
+                               self._checkpointer(), self._watch_target())
         finally:
             if feed.sub is not None:
                 feed.sub.close()
@@ -409,6 +693,7 @@ class Task:
     async def _ack_snapshot(self, batch: Batch) -> None:
         self.checkpoint["snapshot"] = batch.checkpoint
         self._dirty = True
+        self.healthy()
 
     async def _checkpointer(self) -> None:
         """Persist the latest acknowledged checkpoint about once a second."""
@@ -420,30 +705,70 @@ class Task:
                 await self.persist(lazy=True)
 
 
-async def remove_stale_keys(spec: TaskSpec, seen: set[int], marker: bytes) -> int:
-    """Delete target keys of the task's dbs and filter that a resync RDB no longer holds.
+StaleFn = Callable[[int, list[bytes]], Awaitable[list[bytes]]]
+
+
+def source_dbs(spec: TaskSpec, tdb: int) -> list[int]:
+    """The source dbs whose keys land in target db ``tdb``."""
+    if spec.filter.dbs is not None:
+        return [d for d in spec.filter.dbs if spec.target_db(d) == tdb]
+    mapped = [d for d, t in spec.db_mapping.items() if t == tdb]
+    return mapped + ([tdb] if tdb not in spec.db_mapping else [])
+
+
+def rdb_lacks(spec: TaskSpec, seen: set[int]) -> StaleFn:
+    """Stale keys after a psync resync: those the new RDB did not hold."""
+    async def stale(tdb: int, keys: list[bytes]) -> list[bytes]:
+        dbs = source_dbs(spec, tdb)
+        return [k for k in keys if not any(key_hash(d, k) in seen for d in dbs)]
+    return stale
+
+
+def source_lacks(spec: TaskSpec, src: Connection) -> StaleFn:
+    """Stale keys after a scan resync: those no source db mapped there holds now."""
+    async def stale(tdb: int, keys: list[bytes]) -> list[bytes]:
+        held = [False] * len(keys)
+        for d in source_dbs(spec, tdb):
+            cmds: list[list[Arg]] = [["SELECT", d]]
+            cmds += [["EXISTS", k] for k in keys]
+            replies = await src.pipeline(cmds)
+            for i, r in enumerate(replies):
+                if isinstance(r, ReplyError):
+                    raise EndpointError(f"{src.name}: {'SELECT' if i == 0 else 'EXISTS'} "
+                                        f"failed: {r}")
+            for i, r in enumerate(replies[1:]):
+                held[i] = held[i] or bool(r)
+        src.db = -1     # the pipeline moved the connection
+        return [k for k, h in zip(keys, held) if not h]
+    return stale
+
+
+async def remove_stale_keys(spec: TaskSpec, stale: StaleFn,
+                            foreign: Callable[[int, bytes], bool]) -> int:
+    """Delete target keys in the task's scope (its target dbs and filter) that ``stale``
+    says the source no longer holds; never cdcd's own keys nor ``foreign`` ones (another
+    task's on a shared target).
 
     A full resync re-copies every key but cannot see deletions that happened while the
-    link was down; without this the target would keep them.
+    link was down (or before a crash); without this the target would keep them.
     """
     flt = spec.filter
-    candidates = set(flt.dbs) if flt.dbs is not None else set(range(16)) | set(spec.db_mapping)
     conn = await Connection.open_endpoint(spec.target, role="target")
+    conn.io_timeout = float(spec.link_timeout_s)
     removed = 0
     try:
         held = keyspace(parse_info(await conn.call("INFO", "keyspace")))
         for tdb in sorted(held):
-            sources = [d for d in candidates if spec.target_db(d) == tdb]
-            if not sources:
+            if not source_dbs(spec, tdb):
                 continue
             await conn.select(tdb)
             cursor = b"0"
             while True:
                 cursor, keys = await conn.call("SCAN", cursor, "COUNT", 1000)
-                stale = [k for k in keys if flt.key_ok(k) and k != marker and
-                         not any(key_hash(d, k) in seen for d in sources)]
-                if stale:
-                    removed += await conn.call("UNLINK", *stale)
+                mine = [k for k in keys if flt.key_ok(k) and not foreign(tdb, k)]
+                gone = await stale(tdb, mine) if mine else []
+                if gone:
+                    removed += await conn.call("UNLINK", *gone)
                 if cursor == b"0":
                     break
     finally:

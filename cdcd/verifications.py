@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConflictError, NotFoundError, RequestError
+from .markers import CDCD_PREFIXES
 from .spec import Filter, TaskSpec, parse_spec
 from .verify import Recheck, Verification
 
@@ -58,13 +59,13 @@ def _rate(data: dict[str, Any], key: str, default: float) -> float:
     return float(value)
 
 
-def _checkpoint_excluded(spec: TaskSpec) -> TaskSpec:
-    """Leave the task's own checkpoint key on the target out of the comparison."""
-    marker = f"cdcd:checkpoint:{spec.task_id}".encode()
+def checkpoint_excluded(spec: TaskSpec) -> TaskSpec:
+    """Leave cdcd's own keys on the target (markers, big keys being rebuilt) out of the
+    comparison."""
     flt = spec.filter
     return dataclasses.replace(spec, filter=Filter(
         dbs=flt.dbs, include_prefixes=flt.include_prefixes,
-        exclude_prefixes=(*flt.exclude_prefixes, marker)))
+        exclude_prefixes=(*flt.exclude_prefixes, *CDCD_PREFIXES)))
 
 
 def caught_up(task: Task) -> Recheck:
@@ -105,7 +106,7 @@ def parse_verify(data: dict[str, Any], get_task: Callable[[Any], Task]) -> Verif
                 raise RequestError(f"request_data.{key}: not allowed with task_id (the task's "
                                    f"own endpoints, filter and db_mapping are used)")
         task = get_task(data["task_id"])
-        spec = _checkpoint_excluded(task.spec)
+        spec = checkpoint_excluded(task.spec)
         if task.spec.incremental and task.state.value == "Running":
             recheck = caught_up(task)
     elif "source" in data or "target" in data:

@@ -44,7 +44,7 @@ BATCH_BYTES = 1 << 20
 # A stream read shorter than this waits COALESCE_S before the next read.
 TRICKLE_BYTES = 4096
 COALESCE_S = 0.002
-STREAM_TIMEOUT = 75.0      # the master PINGs every 10 s (repl-ping-replica-period)
+STREAM_MIN_TIMEOUT = 15.0  # the master PINGs every 10 s (repl-ping-replica-period)
 HANDSHAKE_TIMEOUT = 30.0
 ACK_EVERY = 1.0
 
@@ -96,7 +96,7 @@ class PsyncReader:
     """
 
     def __init__(self, spec: TaskSpec, progress: Progress, *, resume: StreamPos | None,
-                 host: str, port: int, rdb_only: bool = False,
+                 host: str, port: int, rdb_only: bool = False, resync: bool = False,
                  on_full_sync: Callable[[str, int], None] = lambda r, o: None,
                  on_stream: Callable[[], None] = lambda: None,
                  after_rdb: Callable[[set[int] | None], Awaitable[None]] | None = None,
@@ -112,7 +112,13 @@ class PsyncReader:
         # Called once the RDB is queued, before the stream: with the hashes of the keys
         # the RDB held when the task had copied data before (a resync), else None.
         self.after_rdb = after_rdb
+        # A full sync is a resync (stale target keys are removed after it) when the task
+        # copied data before: asked to (``resync``), or the source refused to continue.
+        self.resync = resync
         self.resyncing = False
+        # Whether big keys rebuilt by this reader replace the target's (the writer's rule).
+        self.replace = spec.existing_keys != "skip"
+        self.timeout = float(spec.link_timeout_s)
         self.name = f"source {host}:{port}"
         self.replid = ""
         self.offset = 0           # offset of the last byte consumed from the stream
@@ -174,7 +180,7 @@ class PsyncReader:
                 raise EndpointError(f"{self.name}: malformed reply {line[:100]!r}")
             self.replid, self.offset = parts[1].decode(), int(parts[2])
             self.db = 0
-            self.resyncing = self.resume is not None
+            self.resyncing = self.resync or self.resume is not None
             log.info("%s: full resync from %s offset %d", self.name, self.replid, self.offset)
             self.on_full_sync(self.replid, self.offset)
             return True
@@ -215,8 +221,11 @@ class PsyncReader:
             raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
 
     async def _read(self, conn: Connection, n: int = READ_CHUNK) -> bytes:
-        data = await self._io(conn.reader.read(n), STREAM_TIMEOUT,
-                              f"no data for {STREAM_TIMEOUT:g}s")
+        # The master PINGs every repl-ping-replica-period (10 s): silence for longer than
+        # link_timeout_s (like the master's own repl-timeout) means a dead link.
+        timeout = max(self.timeout, STREAM_MIN_TIMEOUT)
+        data = await self._io(conn.reader.read(n), timeout,
+                              f"no data for {timeout:g}s (link dead or source stuck)")
         if not data:
             raise EndpointError(f"{self.name}: connection closed by the source")
         return data
@@ -234,6 +243,7 @@ class PsyncReader:
         header = await self._line(conn)
         if not header.startswith(b"$"):
             raise EndpointError(f"{self.name}: expected an RDB, got {header[:80]!r}")
+        self.progress.status = "receiving the source's RDB"
         spec = self.spec
         flt = spec.filter
         want = None
@@ -282,7 +292,7 @@ class PsyncReader:
                             if seen is not None:
                                 seen.add(key_hash(rec.db, rec.key))
                             big = BigKey(rec.db, rec.key, rec.kind, task_id=spec.task_id,
-                                         replace=spec.existing_keys != "skip", size=rec.size,
+                                         replace=self.replace, size=rec.size,
                                          chunk_bytes=self.chunk_bytes,
                                          chunk_elements=self.chunk_elements)
                             big_expire = max(rec.expire_ms, 0)

@@ -157,6 +157,8 @@ class ScanSnapshot:
                  big_value_bytes: int = BIG_VALUE_BYTES, chunk_bytes: int = CHUNK_BYTES,
                  chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.conn = conn
+        # Whether a big key rebuilt here replaces the target's key (the writer's rule).
+        self.replace = spec.existing_keys != "skip"
         self.spec = spec
         self.progress = progress
         self.ckpt = checkpoint or {}
@@ -488,7 +490,7 @@ class ScanSnapshot:
             return await self._dump_group(db, [(key, _Gen(0, 1), None)], True, out, ckpt)
         length = int((await self._call([length_cmd, key]))[0])
         b = BigKey(db, key, kind, task_id=self.spec.task_id,
-                   replace=self.spec.existing_keys != "skip",
+                   replace=self.replace,
                    size=length if kind == "string" else 0,
                    chunk_bytes=self.chunk_bytes, chunk_elements=self.chunk_elements)
         per_item = max(1, estimate // max(1, length))
