@@ -6,6 +6,9 @@ source's write rate for incremental tasks. A check never raises: an unexpected r
 refused command becomes a ``warning`` or ``error`` with the reason. Nothing is written to
 either server. Probing PSYNC permission on a Redis < 7.0 source queues ``PSYNC`` inside a
 MULTI that is discarded (never executed); a refusal leaves an entry in its ACL LOG.
+The ``identity`` check tells source and target apart by what they are (run_id,
+replication ids, replica links, resolved addresses), not by how their addresses are
+spelled: ``127.0.0.1:6379`` and ``localhost:6379`` are one server.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any, Literal
 import hiredis
 
 from .errors import CdcdError
+from .identity import resolve_async
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
+from .scope import writes_db
 from .spec import Endpoint, TaskSpec
 
 log = logging.getLogger("cdcd.precheck")
@@ -378,6 +383,80 @@ async def _dump_check(src: _Side, dst: _Side) -> Check:
     return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
 
 
+_NO_REPLID = "0" * 40
+
+
+def _replids(info: dict[str, str]) -> set[str]:
+    """Return the replication ids a server carries now (master_replid) and carried until
+    its last switch of history (master_replid2), leaving out the all-zero placeholder."""
+    return {v for v in (info.get("master_replid"), info.get("master_replid2"))
+            if v and v != _NO_REPLID}
+
+
+async def _replicas_of(side: _Side) -> set[tuple[str, int]]:
+    """Return the (IP, port) of the replicas ``side`` lists (INFO replication slaveN)."""
+    out: set[tuple[str, int]] = set()
+    for k, v in side.info.items():
+        if k.startswith("slave") and k[5:].isdigit():
+            fields = dict(p.split("=", 1) for p in v.split(",") if "=" in p)
+            port = _int(fields.get("port"), -1)
+            if fields.get("ip") and port > 0:
+                out |= await resolve_async([(fields["ip"], port)])
+    return out
+
+
+async def _master_of(side: _Side) -> frozenset[tuple[str, int]]:
+    """Return the (IP, port) ``side`` replicates from, or nothing when it is a master."""
+    host, port = side.info.get("master_host"), _int(side.info.get("master_port"), -1)
+    if side.info.get("role", "master") == "master" or not host or port <= 0:
+        return frozenset()
+    return await resolve_async([(host, port)])
+
+
+async def _identity_check(src: _Side, dst: _Side) -> Check:
+    """Refuse a source and target that are one server under two names, or that belong to
+    one replication group: writing the target would then write the source (an endless
+    loop for an incremental task) or a replica of it."""
+    name = "identity"
+    src_at, dst_at = await asyncio.gather(resolve_async(src.ep.addrs),
+                                          resolve_async(dst.ep.addrs))
+    src_id, dst_id = src.info.get("run_id", ""), dst.info.get("run_id", "")
+    both = f"{src.name} and {dst.name}"
+    if src_id and src_id == dst_id:
+        return Check(name=name, status="error",
+                     message=f"{both} are the same server (run_id {src_id}); point the target "
+                             f"at another server")
+    common = src_at & dst_at
+    if common:
+        ip, port = sorted(common)[0]
+        return Check(name=name, status="error",
+                     message=f"{both} are the same server (both reach {ip}:{port}); point the "
+                             f"target at another server")
+    if src.info_error or dst.info_error:
+        return Check(name=name, status="warning",
+                     message=f"cannot tell whether {both} are distinct servers in distinct "
+                             f"replication groups: "
+                             + "; ".join(e for e in (src.info_error, dst.info_error) if e))
+    group = ("writing the target would write the source's replication group (a loop for "
+             "an incremental task); point the target at a server outside it")
+    dst_replid = dst.info.get("master_replid", "")
+    if dst_replid and dst_replid in _replids(src.info):
+        whose = ("the source's" if dst_replid == src.info.get("master_replid") else
+                 "the source's master_replid2, the history it had before its promotion")
+        return Check(name=name, status="error",
+                     message=f"{both} share a replication group (target master_replid "
+                             f"{dst_replid} is {whose}): {group}")
+    if (await _master_of(dst)) & src_at or (await _replicas_of(src)) & dst_at:
+        return Check(name=name, status="error",
+                     message=f"{dst.name} is a replica of {src.name}: {group}")
+    if (await _master_of(src)) & dst_at or (await _replicas_of(dst)) & src_at:
+        return Check(name=name, status="error",
+                     message=f"{src.name} is a replica of {dst.name}: {group}")
+    return Check(name=name, status="ok",
+                 message=f"{both} are distinct servers (run_id {src_id or '?'} and "
+                         f"{dst_id or '?'}) in distinct replication groups")
+
+
 def _dryrun_verdict(reply: Any) -> tuple[str, str]:
     """Classify an ACL DRYRUN reply: ('allowed'|'refused'|'unknown', reason)."""
     if isinstance(reply, ReplyError):
@@ -530,11 +609,8 @@ async def _writable_check(dst: _Side) -> Check:
     return Check(name=name, status="ok", message=f"{dst.name} is a writable master")
 
 
-def _writes_db(spec: TaskSpec, db: int) -> bool:
-    """Say whether the task may write target db ``db`` (some selected source db maps there)."""
-    if spec.filter.dbs is not None:
-        return any(spec.target_db(d) == db for d in spec.filter.dbs)
-    return db not in spec.db_mapping or db in spec.db_mapping.values()
+# Kept under this name for its callers; cdcd.scope is where the write scope is known.
+_writes_db = writes_db
 
 
 async def _count_matching(dst: _Side, spec: TaskSpec, db: int) -> int:
@@ -695,12 +771,15 @@ async def _backlog_check(src: _Side, sample_s: float) -> Check:
 async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
                         connect_timeout: float = CONNECT_TIMEOUT,
                         command_timeout: float = COMMAND_TIMEOUT,
-                        backlog_sample_s: float = BACKLOG_SAMPLE_S) -> list[Check]:
+                        backlog_sample_s: float = BACKLOG_SAMPLE_S,
+                        identity_out: dict[str, str | None] | None = None) -> list[Check]:
     """Check that ``spec`` can run; return every check in a stable order, never raise.
 
     ``fresh`` says the task has no checkpoint yet, so the target's existing keys matter.
     Checks on a side that cannot be reached (or authenticated) are left out: the
-    connection check already says why.
+    connection check already says why. ``identity_out``, when given, receives
+    ``source_run_id`` and ``target_run_id`` (INFO server; None when a side is unreachable
+    or refuses INFO), so the caller learns which servers it checked.
     """
     src = _Side("source", spec.source, command_timeout)
     dst = _Side("target", spec.target, command_timeout)
@@ -708,7 +787,12 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
         async with asyncio.TaskGroup() as tg:
             tg.create_task(src.connect(connect_timeout))
             tg.create_task(dst.connect(connect_timeout))
+        if identity_out is not None:
+            identity_out["source_run_id"] = src.info.get("run_id") or None
+            identity_out["target_run_id"] = dst.info.get("run_id") or None
         plan: list[tuple[str, CheckFn]] = []
+        if src.up and dst.up:
+            plan.append(("identity", lambda: _identity_check(src, dst)))
         if src.up:
             plan.append(("source.version", lambda: _version_check(src)))
         if dst.up:

@@ -82,10 +82,10 @@ async def test_healthy_pair_every_check_ok(servers: Servers) -> None:
     checks = await run_prechecks(spec)
     elapsed = time.monotonic() - t0
     assert [c.name for c in checks] == [
-        "source.connection", "target.connection", "source.version", "target.version",
-        "dump_compatibility", "source.psync", "source.topology", "target.topology",
-        "target.writable", "target.existing_keys", "target.memory", "target.eviction_policy",
-        "source.repl_backlog"]
+        "source.connection", "target.connection", "identity", "source.version",
+        "target.version", "dump_compatibility", "source.psync", "source.topology",
+        "target.topology", "target.writable", "target.existing_keys", "target.memory",
+        "target.eviction_policy", "source.repl_backlog"]
     assert all(c.status == "ok" for c in checks), [c.to_json() for c in checks if c.status != "ok"]
     assert worst(checks) == "ok" and not failed(checks)
     assert 0.9 < elapsed < 2.5, elapsed          # one ~1 s write-rate sample, all else parallel
