@@ -91,6 +91,15 @@ async def resolve_async(addrs: Iterable[Addr], timeout: float = 5.0) -> frozense
     return frozenset(out)
 
 
+def same_server(a: Endpoint, a_run_id: str | None, b: Endpoint, b_run_id: str | None) -> bool:
+    """Say whether two endpoints are one server: run_ids both known and equal, or
+    addresses resolving to a common IP:port (blocking getaddrinfo for host names, done
+    only when the run_ids do not already say yes)."""
+    if a_run_id is not None and a_run_id == b_run_id:
+        return True
+    return bool(resolve(a.addrs) & resolve(b.addrs))
+
+
 class TaskLike(Protocol):
     """What ``find_conflict`` reads of a task (cdcd.task.Task has these)."""
 
@@ -118,19 +127,11 @@ def find_conflict(spec: TaskSpec, target_run_id: str | None,
     Host names are resolved (blocking getaddrinfo) only for tasks whose scopes meet and
     whose run_id does not already settle it.
     """
-    mine: frozenset[Addr] | None = None
     for task in tasks:
         if task.state == "Succeeded" or task.spec.task_id == spec.task_id:
             continue
         found = conflicts(spec, [task.spec])
-        if not found:
-            continue
-        other_id = task.target_run_id
-        same = target_run_id is not None and other_id == target_run_id
-        if not same:
-            if mine is None:
-                mine = resolve(spec.target.addrs)
-            same = bool(mine & resolve(task.spec.target.addrs))
-        if same:
+        if found and same_server(spec.target, target_run_id, task.spec.target,
+                                 task.target_run_id):
             return found[0].describe(spec)
     return None

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cdcd.identity import find_conflict, resolve, target_run_id
+from cdcd.identity import find_conflict, resolve, same_server, target_run_id
 from cdcd.precheck import Check, failed, run_prechecks
 from cdcd.spec import Endpoint, TaskSpec, parse_spec
 from cdcd.task import State
@@ -265,6 +265,11 @@ async def test_find_conflict_by_run_id_and_after_a_restart(servers: Servers) -> 
     assert fresh is not None and fresh != rid
     same_addr = spec_for(servers(), f"localhost:{dst.port}", task_id="new2")
     assert "by task 'abc'" in (find_conflict(same_addr, fresh, [abc]) or "")
+    # same_server, the rule find_conflict uses
+    one, two = abc.spec.target, new.target
+    assert same_server(one, rid, two, rid) and not same_server(one, None, two, None)
+    assert same_server(one, "x", same_addr.target, "y")     # run_ids differ, address same
+    assert not same_server(one, None, Endpoint(addrs=(("127.0.0.1", src.port),)), None)
 
 
 # --- through the daemon --------------------------------------------------------------------
