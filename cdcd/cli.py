@@ -98,7 +98,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .config import ConfigError, load
     from .errors import CdcdError
-    from .server import make_app
+    from .server import SHUTDOWN, make_app
 
     try:
         cfg = load(args.config, {"host": args.host, "port": args.port,
@@ -121,6 +121,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"cdcd: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
               file=sys.stderr)
         return 2
+    store_error = app[SHUTDOWN].store_error
+    if store_error:
+        # the tasks are stopped, but what they did since the last write that succeeded is
+        # not in cdcd.json: a restart resumes from older checkpoints
+        print(f"cdcd: stopped, but the metadata store could not be written: {store_error}; "
+              f"{Path(cfg.data_dir) / 'cdcd.json'} keeps the last version written",
+              file=sys.stderr)
+        return 1
     return 0
 
 

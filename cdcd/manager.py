@@ -1,5 +1,6 @@
-"""The task registry: create/list/get/pause/resume/delete, restart recovery, and the
-verifications started over the API."""
+"""The task registry: create/list/get/pause/resume/delete, restart recovery, the
+verifications started over the API, and the store doctor that saves what a full or
+read-only disk refused as soon as it accepts writes again."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 import logging
 from typing import Any
 
-from .errors import ConflictError, NotFoundError, RequestError
+from .errors import ConflictError, NotFoundError, RequestError, StoreError
 from .spec import parse_spec, same_spec, spec_from_store
 from .store import Store
 from .task import State, Task
@@ -18,6 +19,21 @@ log = logging.getLogger("cdcd.manager")
 
 # Periodic checkpoints wait this long so that the checkpoints of other tasks share a write.
 LAZY_FLUSH = 0.25
+# While the store cannot be written, the doctor tries again this often.
+DOCTOR_EVERY = 2.0
+
+
+def not_saved(exc: StoreError) -> StoreError:
+    """The 503 of a lifecycle change refused because the store cannot be written."""
+    return StoreError(f"metadata store cannot be written ({exc.message}): the change was not "
+                      f"saved; retry when the disk has room")
+
+
+def saved_later(exc: StoreError) -> StoreError:
+    """The 503 of a lifecycle change made in memory that the store could not save yet."""
+    return StoreError(f"metadata store cannot be written ({exc.message}): the change is "
+                      f"applied but not yet saved; it will be written when the disk "
+                      f"accepts it")
 
 
 class Manager:
@@ -27,6 +43,7 @@ class Manager:
         self.tasks: dict[str, Task] = {}
         self._ops = asyncio.Lock()   # one lifecycle operation at a time
         self.verifications = Verifications()
+        self._doctor: asyncio.Task[None] | None = None
 
     async def _persist(self, task: Task, lazy: bool = False) -> None:
         if self.tasks.get(task.spec.task_id) is task:
@@ -51,21 +68,82 @@ class Manager:
                 log.info("task %s: resuming after daemon restart (%s)", task_id,
                          task.state.value)
                 task.start()
+        self._doctor = asyncio.create_task(self._store_doctor(), name="cdcd-store-doctor")
+
+    async def _store_doctor(self) -> None:
+        """While the store cannot be written, write it again every DOCTOR_EVERY seconds.
+
+        The records in memory are complete, so the first write the disk accepts saves
+        every checkpoint and every change made meanwhile.
+        """
+        store = self.store
+        while True:
+            await store.wait_failed()
+            log.error("metadata store cannot be written: %s; lifecycle requests answer 503 "
+                      "and changes are kept in memory until it can (retrying every %g s)",
+                      store.last_error, DOCTOR_EVERY)
+            while not store.healthy:
+                await asyncio.sleep(DOCTOR_EVERY)
+                try:
+                    await store.flush()
+                except StoreError:
+                    continue
+            log.warning("metadata store writable again: every change kept in memory is "
+                        "saved in %s", store.path)
+
+    async def _stop_doctor(self) -> None:
+        doctor, self._doctor = self._doctor, None
+        if doctor is None:
+            return
+        doctor.cancel()
+        # gather: our own cancellation still propagates, the doctor's is its result
+        (result,) = await asyncio.gather(doctor, return_exceptions=True)
+        if not isinstance(result, (asyncio.CancelledError, type(None))):
+            log.error("store doctor failed: %r", result)
+
+    async def _store_writable(self) -> None:
+        """Refuse a lifecycle change (503) before making it while the store cannot be
+        written: try one write first, which saves everything if the disk is back."""
+        if self.store.healthy:
+            return
+        try:
+            await self.store.flush()
+        except StoreError as exc:
+            raise not_saved(exc) from exc
 
     async def stop(self) -> None:
         """Stop every pipeline, each with its checkpoint saved; states stay as they are.
 
         Verifications are cancelled and awaited first (they are not kept across restarts).
+        Raises StoreError, once every task is stopped, when the final write fails: the
+        file then holds the last version that could be written.
         """
         await self.verifications.stop()
         async with self._ops:
             tasks = list(self.tasks.values())
+            running = [t for t in tasks if t.running]
             results = await asyncio.gather(*(t.stop() for t in tasks), return_exceptions=True)
+            unsaved = set()
             for t, r in zip(tasks, results):
-                if isinstance(r, BaseException):
+                if isinstance(r, StoreError):
+                    # its record is in the store's memory: the final write below saves it
+                    log.error("task %s: %s", t.spec.task_id, r.message)
+                elif isinstance(r, BaseException):
+                    unsaved.add(t.spec.task_id)
                     log.error("task %s: stopping failed: %s", t.spec.task_id, r)
-            await self.store.flush()
-            self.store.close()
+            saved = sum(t.spec.task_id not in unsaved for t in running)
+            await self._stop_doctor()
+            try:
+                await self.store.flush()
+            except StoreError as exc:
+                log.error("stopped %d running task(s), but the metadata store could not be "
+                          "written (%s): %s keeps the last version written", len(running),
+                          exc.message, self.store.path)
+                raise
+            finally:
+                self.store.close()
+            log.info("stopped %d running task(s), %d with their checkpoint saved "
+                     "(%d task(s) in the store)", len(running), saved, len(tasks))
 
     def get(self, task_id: Any) -> Task:
         if not isinstance(task_id, str) or not task_id:
@@ -84,6 +162,7 @@ class Manager:
     async def create(self, data: Any) -> Task:
         spec = parse_spec(data)
         async with self._ops:
+            await self._store_writable()
             existing = self.tasks.get(spec.task_id)
             if existing is not None:
                 if same_spec(existing.spec, spec):
@@ -95,10 +174,12 @@ class Manager:
             self.tasks[spec.task_id] = task
             try:
                 await task.persist()
-            except BaseException:
+            except BaseException as exc:
                 # Not on disk, so not created: a retry of the request starts afresh.
                 del self.tasks[spec.task_id]
                 self.store.remove(spec.task_id)
+                if isinstance(exc, StoreError):
+                    raise not_saved(exc) from exc
                 raise
             task.start()
             log.info("task %s: created (%s, source %s, target %s)", spec.task_id,
@@ -108,27 +189,41 @@ class Manager:
     async def pause(self, task_id: Any) -> Task:
         async with self._ops:
             task = self.get(task_id)
+            await self._store_writable()
             if task.state == State.PAUSED:
                 return task
             if task.state == State.SUCCEEDED:
                 raise ConflictError(f"task '{task_id}' has Succeeded; there is nothing to pause")
-            await task.stop()
+            # Paused before the writes that may fail: whatever happens next, the task is
+            # never left Running without its runner. stop() cancels the runner before it
+            # can run again, so the runner cannot change the state meanwhile.
             task.set_state(State.PAUSED)
-            await task.persist()
+            try:
+                await task.stop()
+                await task.persist()
+            except StoreError as exc:
+                raise saved_later(exc) from exc
             return task
 
     async def resume(self, task_id: Any) -> Task:
         async with self._ops:
             task = self.get(task_id)
+            await self._store_writable()
             if task.state in (State.RUNNING, State.INITIAL) and task.running:
                 return task
             if task.state == State.SUCCEEDED:
                 raise ConflictError(f"task '{task_id}' has Succeeded; create a new task to "
                                     f"copy again")
-            await task.stop()
+            try:
+                await task.stop()
+            except StoreError as exc:
+                raise not_saved(exc) from exc
             task.set_state(State.RUNNING, phase=task.phase)
-            await task.persist()
-            task.start()
+            task.start()   # before the write that may fail: Running always has its runner
+            try:
+                await task.persist()
+            except StoreError as exc:
+                raise saved_later(exc) from exc
             return task
 
     async def delete(self, task_id: Any, ignore_not_found: bool = False) -> str:
@@ -139,11 +234,15 @@ class Manager:
                 if ignore_not_found:
                     return str(task_id)
                 raise
+            await self._store_writable()
             del self.tasks[task.spec.task_id]
-            await task.stop()
+            await task.stop()   # writes nothing: the task is no longer registered
             self.store.remove(task.spec.task_id)
-            await self.store.flush()
             log.info("task %s: deleted", task_id)
+            try:
+                await self.store.flush()
+            except StoreError as exc:
+                raise saved_later(exc) from exc
             return task.spec.task_id
 
     def verify(self, data: dict[str, Any]) -> Verification:

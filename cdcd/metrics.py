@@ -85,6 +85,22 @@ class TaskCollector(Collector):
         yield verifications
 
 
+class StoreCollector(Collector):
+    """Whether the metadata store can be written, and how many writes it refused."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.manager.store
+        yield GaugeMetricFamily("cdcd_store_healthy", "1 when the last write of the "
+                                "metadata store succeeded, 0 while it cannot be written "
+                                "(disk full, read-only, I/O error)",
+                                value=1.0 if store.healthy else 0.0)
+        yield CounterMetricFamily("cdcd_store_write_errors", "Writes of the metadata store "
+                                  "that failed (each retry counts)", value=store.write_errors)
+
+
 class Metrics:
     """One registry per daemon (no process-global metric state)."""
 
@@ -96,6 +112,7 @@ class Metrics:
                                  ["request_type"], registry=self.registry,
                                  buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
         self.registry.register(TaskCollector(manager))
+        self.registry.register(StoreCollector(manager))
 
     def observe_request(self, request_type: str, code: int, seconds: float) -> None:
         self.requests.labels(request_type, str(code)).inc()

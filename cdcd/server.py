@@ -5,6 +5,7 @@ Errors become envelope codes here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import time
@@ -15,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from .config import Config
-from .errors import AuthError, CdcdError, PayloadTooLarge, RequestError
+from .errors import AuthError, CdcdError, PayloadTooLarge, RequestError, StoreError
 from .manager import Manager
 from .metrics import Metrics
 from .precheck import failed, run_prechecks
@@ -29,6 +30,17 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[Manager, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+@dataclasses.dataclass(kw_only=True)
+class Shutdown:
+    """How the daemon's stop went, for ``cdcd serve``'s exit status (aiohttp only logs an
+    error raised while cleaning up, so the lifecycle records it here)."""
+
+    store_error: str = ""   # the final metadata write failed: why
+
+
+SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown", Shutdown)
 
 
 def _reply(code: int, body: dict[str, Any]) -> web.Response:
@@ -203,6 +215,7 @@ def make_app(cfg: Config) -> web.Application:
     app = web.Application(client_max_size=cfg.max_body_bytes)
     app[CONFIG] = cfg
     app[TOKEN] = cfg.token()
+    app[SHUTDOWN] = Shutdown()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         manager = Manager(Store(cfg.data_dir), max_tasks=cfg.max_tasks)
@@ -210,7 +223,10 @@ def make_app(cfg: Config) -> web.Application:
         app[METRICS] = Metrics(manager)
         await manager.start()
         yield
-        await manager.stop()
+        try:
+            await manager.stop()
+        except StoreError as exc:   # every task is stopped; only the final write failed
+            app[SHUTDOWN].store_error = exc.message
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/cdc", handle_cdc)
