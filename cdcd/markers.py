@@ -90,7 +90,7 @@ class Markers:
             return Verdict(resume=None, full=True,
                            lost=f"{conn.name} no longer holds the checkpoint marker "
                                 f"{self.key.decode()} (restarted empty or flushed) although "
-                                f"offset {local.offset} was applied; snapshot redone")
+                                f"offset {local.offset} was applied")
         if local is not None and remote.offset < local.offset:
             return Verdict(resume=remote,
                            lost=f"{conn.name} went back to offset {remote.offset} (the "

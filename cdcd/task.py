@@ -20,15 +20,16 @@ from .errors import (
     MigrationError,
     StoreError,
 )
+from .identity import find_conflict, same_server
 from .markers import Markers, is_cdcd_key
-from .precheck import PREFIX_SCAN_LIMIT, run_prechecks
-from .precheck import _writes_db as writes_db
+from .precheck import PREFIX_SCAN_LIMIT, Check, run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
 from .readers.notify import NotificationFeed
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.scan import ScanSnapshot
 from .resp import Arg, Connection, ReplyError, ServerReplyError, keyspace, parse_info
+from .scope import in_scope, writes_db
 from .spec import TaskSpec
 from .verify import Verification
 from .writer import Writer
@@ -332,10 +333,10 @@ class Task:
                     and not self.progress.snapshot_done):
                 # A scan snapshot resumes from its cursor: not onto a target that restarted
                 # meanwhile (what it copied before may be gone).
-                self.set_note(f"{target.name} restarted during the snapshot (run_id "
-                              f"{self.target_run_id[:8]} -> {run_id[:8]}); snapshot redone")
                 self.progress.target_resets += 1
-                self.checkpoint["resync"] = "the target restarted during the snapshot"
+                self.checkpoint["resync"] = (f"{target.name} restarted during the snapshot "
+                                             f"(run_id {self.target_run_id[:8]} -> "
+                                             f"{run_id[:8]})")
             self.target_run_id = run_id
         if started is None and not self.fresh:
             started = {"at": now_iso(), "preexisting": True}   # a record of an older cdcd
@@ -394,7 +395,7 @@ class Task:
                 self.progress.target_resets += 1
                 self.set_note(verdict.lost)
                 if verdict.full:
-                    forced = self.checkpoint["resync"] = "the target lost the data"
+                    forced = self.checkpoint["resync"] = verdict.lost
                     self.checkpoint.pop("stream", None)
                 await self.persist()
             resume = verdict.resume
@@ -410,7 +411,7 @@ class Task:
             if redo:
                 self.progress.full_resyncs += 1
                 if forced:
-                    why = f"full resync ({forced})"
+                    why = str(forced)
                 elif resume is not None:
                     why = (f"source answered a full resync (offset {resume.offset + 1} of "
                            f"{resume.replid} no longer in its backlog)")
@@ -439,7 +440,7 @@ class Task:
             await rdb_applied.wait()
             if seen is not None and self._cleanup_allowed():
                 self.progress.status = "removing target keys the source no longer has"
-                removed = await remove_stale_keys(spec, rdb_lacks(spec, seen), self._foreign)
+                removed = await remove_stale_keys(spec, rdb_lacks(spec, seen), self._foreign())
                 log.info("task %s: resync removed %d target keys the source no longer has",
                          spec.task_id, removed)
             if self.checkpoint.pop("resync", None) is not None:
@@ -481,18 +482,17 @@ class Task:
         held = keyspace(parse_info(await source.call("INFO", "keyspace")))
         return sum(n for db, n in held.items() if self.spec.filter.db_ok(db))
 
-    def _foreign(self, tdb: int, key: bytes) -> bool:
-        """Say whether a target key belongs to cdcd or may belong to another task that
-        shares the target: a stale-key cleanup never touches those."""
-        if is_cdcd_key(key):
-            return True
-        for other in self.peers():
-            if other is self or other.state == State.SUCCEEDED:
-                continue
-            if other.target_run_id and other.target_run_id == self.target_run_id and \
-                    writes_db(other.spec, tdb) and other.spec.filter.key_ok(key):
-                return True
-        return False
+    def _foreign(self) -> Callable[[int, bytes], bool]:
+        """Say which target keys a stale-key cleanup must never touch: cdcd's own, and
+        those another task writing the same target server may own (shared_target)."""
+        sharing = [o.spec for o in self.peers()
+                   if o is not self and o.state != State.SUCCEEDED and
+                   same_server(self.spec.target, self.target_run_id, o.spec.target,
+                               o.target_run_id)]
+
+        def foreign(tdb: int, key: bytes) -> bool:
+            return is_cdcd_key(key) or any(in_scope(o, tdb, key) for o in sharing)
+        return foreign
 
     async def _poll_source(self, source: Connection, reader: PsyncReader) -> None:
         """Every second: sample the source's offset (so lag counts what we have not read
@@ -590,7 +590,12 @@ class Task:
     async def _precheck(self) -> None:
         """Run every check; errors stop the task, warnings are only shown."""
         fresh = self.fresh
-        checks = await run_prechecks(self.spec, fresh=fresh)
+        ids: dict[str, str | None] = {}
+        checks = await run_prechecks(self.spec, fresh=fresh, identity_out=ids)
+        self.target_run_id = ids.get("target_run_id") or self.target_run_id
+        conflict = find_conflict(self.spec, self.target_run_id, self.peers())
+        if conflict is not None:
+            checks.append(Check(name="target.shared", status="error", message=conflict))
         self.prechecks = [c.to_json() for c in checks]
         bad = [c for c in checks if c.status == "error"]
         if not bad:
@@ -606,7 +611,7 @@ class Task:
         if forced:
             self.checkpoint.pop("snapshot", None)
             self.progress.full_resyncs += 1
-            self.set_note(f"full resync ({forced}); snapshot redone")
+            self.set_note(f"{forced}; snapshot redone")
         if not self.checkpoint.get("snapshot"):
             self.progress.begin_snapshot()
         return str(forced) if forced else None
@@ -636,7 +641,7 @@ class Task:
         src = await Connection.open_endpoint(self.spec.source, role="source")
         try:
             removed = await remove_stale_keys(self.spec, source_lacks(self.spec, src),
-                                              self._foreign)
+                                              self._foreign())
         finally:
             src.close()
         self.progress.status = ""
