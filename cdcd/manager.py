@@ -5,10 +5,12 @@ read-only disk refused as soon as it accepts writes again."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from typing import Any
 
 from .errors import ConflictError, NotFoundError, RequestError, StoreError
+from .identity import find_conflict, target_run_id
 from .spec import parse_spec, same_spec, spec_from_store
 from .store import Store
 from .task import State, Task
@@ -57,7 +59,7 @@ class Manager:
                 if not isinstance(rec, dict):
                     raise ValueError("the record is not a JSON object")
                 spec = spec_from_store(rec["spec"])
-                task = Task(spec, self._persist, record=rec)
+                task = Task(spec, self._persist, record=rec, peers=self._peers)
             except (RequestError, KeyError, TypeError, ValueError) as exc:
                 # Keep it in the file (nothing is lost) but do not run what we cannot read.
                 log.error("task %s: stored record is unreadable, skipping it: %s", task_id,
@@ -159,8 +161,14 @@ class Manager:
                                + ", ".join(s.value for s in State))
         return [t for t in self.tasks.values() if state is None or t.state.value == state]
 
+    def _peers(self) -> builtins.list[Task]:
+        return builtins.list(self.tasks.values())
+
     async def create(self, data: Any) -> Task:
         spec = parse_spec(data)
+        # Who the target is (None when unreachable now: addresses are compared instead);
+        # asked before taking the lock, so a slow target never holds up other requests.
+        run_id = await target_run_id(spec.target)
         async with self._ops:
             await self._store_writable()
             existing = self.tasks.get(spec.task_id)
@@ -170,7 +178,11 @@ class Manager:
                 raise ConflictError(f"task '{spec.task_id}' exists with a different spec")
             if len(self.tasks) >= self.max_tasks:
                 raise ConflictError(f"max_tasks ({self.max_tasks}) reached; delete a task first")
-            task = Task(spec, self._persist)
+            conflict = find_conflict(spec, run_id, self.tasks.values())
+            if conflict is not None:
+                raise ConflictError(conflict)
+            task = Task(spec, self._persist, peers=self._peers)
+            task.target_run_id = run_id
             self.tasks[spec.task_id] = task
             try:
                 await task.persist()
@@ -212,8 +224,8 @@ class Manager:
             if task.state in (State.RUNNING, State.INITIAL) and task.running:
                 return task
             if task.state == State.SUCCEEDED:
-                raise ConflictError(f"task '{task_id}' has Succeeded; create a new task to "
-                                    f"copy again")
+                raise ConflictError(f"task '{task_id}' has Succeeded; send resync (or create "
+                                    f"a new task) to copy again")
             try:
                 await task.stop()
             except StoreError as exc:
@@ -224,6 +236,25 @@ class Manager:
                 await task.persist()
             except StoreError as exc:
                 raise saved_later(exc) from exc
+            return task
+
+    async def resync(self, task_id: Any) -> Task:
+        """Redo the task's snapshot now (stale target keys removed), then go on."""
+        async with self._ops:
+            task = self.get(task_id)
+            await self._store_writable()
+            try:
+                await task.stop()
+            except StoreError as exc:
+                raise not_saved(exc) from exc
+            task.request_resync("resync requested by the operator")
+            task.set_state(State.RUNNING, reason=task.note)
+            task.start()   # before the write that may fail: Running always has its runner
+            try:
+                await task.persist()
+            except StoreError as exc:
+                raise saved_later(exc) from exc
+            log.info("task %s: resync requested", task_id)
             return task
 
     async def delete(self, task_id: Any, ignore_not_found: bool = False) -> str:

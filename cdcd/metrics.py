@@ -54,8 +54,17 @@ class TaskCollector(Collector):
         retries = counter("cdcd_retries", "Reconnects after errors")
         errors = counter("cdcd_errors", "Errors the task's pipeline stopped on (each retry "
                          "and each failure counts)")
-        resyncs = counter("cdcd_full_resyncs", "Snapshots redone after the source refused a "
-                          "partial resync")
+        resyncs = counter("cdcd_full_resyncs", "Snapshots redone (the source refused a "
+                          "partial resync, the target lost data, an interrupted first "
+                          "snapshot, or an operator's resync)")
+        resets = counter("cdcd_target_resets", "Times the target was found not to hold what "
+                         "the task had applied (restarted empty, flushed, rolled back)")
+        evicted = counter("cdcd_target_evicted_keys", "Keys the target evicted while the "
+                          "task watched it")
+        drift = gauge("cdcd_verify_drift_keys", "Keys found different by the last "
+                      "continuous_verify round")
+        drift_total = counter("cdcd_verify_drift_keys_found", "Keys found different by "
+                              "every continuous_verify round")
         for task in list(self.manager.tasks.values()):
             tid = task.spec.task_id
             p = task.progress
@@ -71,12 +80,17 @@ class TaskCollector(Collector):
             retries.add_metric([tid], p.retries)
             errors.add_metric([tid], p.errors)
             resyncs.add_metric([tid], p.full_resyncs)
+            resets.add_metric([tid], p.target_resets)
+            evicted.add_metric([tid], p.target_evicted_keys)
+            if task.spec.continuous_verify is not None:
+                drift.add_metric([tid], p.verify_drift)
+                drift_total.add_metric([tid], p.verify_drift_total)
             if task.spec.incremental:
                 lag_b.add_metric([tid], max(0, p.source_offset - p.applied_offset))
                 if p.lag_ms is not None:
                     lag_ms.add_metric([tid], p.lag_ms)
         yield from (state, keys, expected, skipped, sbytes, written, ops, rate, lag_b, lag_ms,
-                    retries, errors, resyncs)
+                    retries, errors, resyncs, resets, evicted, drift, drift_total)
         verifications = GaugeMetricFamily("cdcd_verifications", "Verifications kept in "
                                           "memory, by state", labels=["state"])
         counts = self.manager.verifications.states()

@@ -111,6 +111,12 @@ async def op_delete(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
     return {"task_id": await m.delete(data.get("task_id"), ignore)}
 
 
+async def op_resync(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
+    _fields(data, {"task_id"})
+    task = await m.resync(data.get("task_id"))
+    return {"task_id": task.spec.task_id, "state": task.state.value}
+
+
 async def op_precheck(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
     """Run a task's prechecks for a spec without creating the task; failing checks are
     the answer (HTTP 200), only an invalid spec is an error."""
@@ -126,7 +132,7 @@ async def op_verify(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
 OPERATIONS: dict[str, Handler] = {
     "create": op_create, "list": op_list, "get": op_get,
     "pause": op_pause, "resume": op_resume, "delete": op_delete,
-    "precheck": op_precheck, "verify": op_verify,
+    "precheck": op_precheck, "verify": op_verify, "resync": op_resync,
 }
 
 

@@ -171,6 +171,11 @@ class Task:
             self.reason = self.note
         log.warning("task %s: %s", self.spec.task_id, note)
 
+    def request_resync(self, why: str) -> None:
+        """Make the next start redo the snapshot (kept in the checkpoint across crashes)."""
+        self.checkpoint["resync"] = why
+        self.progress.snapshot_done = False
+
     def healthy(self) -> None:
         """The pipeline works again after a retry: ``reason`` stops saying 'retrying'."""
         if self.reason != self.note and self.state == State.RUNNING:
