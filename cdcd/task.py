@@ -432,7 +432,7 @@ class Task:
             p = self.progress
             p.begin_snapshot(keys_total)
             p.source_offset = p.applied_offset = offset
-            p.status = "waiting for the source to produce its RDB"
+            p.status = "waiting for the source's RDB"
             self.set_phase("snapshot")
 
         def on_stream() -> None:
@@ -473,6 +473,8 @@ class Task:
                 self.checkpoint["stream"] = pos.to_json()
                 self._dirty = True
 
+        if resume is None:
+            self.set_phase("snapshot")     # a full sync: the source may take a while to start
         await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
                            self._poll_source(source, reader), self._watch_target(),
                            *self._verifier())

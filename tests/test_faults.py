@@ -262,3 +262,16 @@ def test_continuous_verify_reports_drift(servers: Any, daemon: Daemon) -> None:
     assert cv["drift"] == 2, cv
     assert cv["sampled"] == 50
     assert 'cdcd_verify_drift_keys{task_id="cv"} 2.0' in metrics_text(daemon)
+
+
+def test_view_says_the_task_waits_for_the_sources_delayed_rdb(servers: Any,
+                                                               daemon: Daemon) -> None:
+    src, dst = servers(args=["--repl-diskless-sync", "yes",
+                             "--repl-diskless-sync-delay", "4"]), servers()
+    fill_bulk(src.client(), 100)
+    daemon.ok("create", spec(src, dst, task_id="wait"))
+    view = wait_for(lambda: (v := daemon.task("wait"))["progress"]["status"].startswith(
+        "waiting for the source to answer PSYNC") and v, 10, what="the waiting status")
+    assert view["phase"] == "snapshot", view
+    streaming(daemon, "wait")
+    assert daemon.task("wait")["progress"]["status"] == "streaming"

@@ -167,6 +167,9 @@ class PsyncReader:
                             timeout=HANDSHAKE_TIMEOUT)
         except ServerReplyError as exc:
             raise PsyncRefused(f"{self.name}: refuses to replicate to us: {exc.reply}") from exc
+        self.progress.status = ("waiting for the source to answer PSYNC (a full sync starts "
+                                "once its fork begins: repl-diskless-sync-delay, a BGSAVE "
+                                "in progress)")
         if self.resume is not None:
             psync = encode(["PSYNC", self.resume.replid, str(self.resume.offset + 1)])
         else:
