@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import os
 import re
@@ -32,10 +33,14 @@ FUTURE = "2099-01-01T00:00:00Z"
 DISK_SIZE = "256k"
 
 
+# Privileged ports nobody listens on, one target each, so tasks never share a target.
+_dead_ports = itertools.count(2)
+
+
 def waiting_spec(task_id: str) -> dict[str, Any]:
     """A task that waits for start_at: it writes its record once, then nothing."""
     return {"task_id": task_id, "source": {"addrs": "127.0.0.1:1"},
-            "target": {"addrs": "127.0.0.1:2"}, "start_at": FUTURE}
+            "target": {"addrs": f"127.0.0.1:{next(_dead_ports)}"}, "start_at": FUTURE}
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
