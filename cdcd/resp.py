@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,6 +27,11 @@ Arg = bytes | str | int | float
 ReplyError = hiredis.ReplyError
 pack = hiredis.pack_command
 CONNECT_TIMEOUT = 10.0
+# TCP keepalive: a peer gone silent (packets dropped, no RST) is noticed by the kernel in
+# about 15 + 3 * 5 = 30 s instead of the ~15 min of retransmissions it allows by default.
+# Each option is set where the platform has it (TCP_KEEPALIVE is macOS's TCP_KEEPIDLE).
+KEEPALIVE = (("TCP_KEEPIDLE", 15), ("TCP_KEEPALIVE", 15), ("TCP_KEEPINTVL", 5),
+             ("TCP_KEEPCNT", 3))
 
 
 class ServerReplyError(EndpointError):
@@ -65,20 +72,44 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def set_keepalive(writer: asyncio.StreamWriter) -> None:
+    """Turn on TCP keepalive with short probes, where the platform has the options."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in KEEPALIVE:
+            opt = getattr(socket, name, None)
+            if opt is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    except OSError as exc:   # not a TCP socket (a Unix socket), or refused by the platform
+        log.debug("keepalive not set on %s: %s", writer.get_extra_info("peername"), exc)
+
+
 class Connection:
-    """One connection to one server: send raw RESP, read parsed replies."""
+    """One connection to one server: send raw RESP, read parsed replies.
+
+    ``io_timeout`` (seconds, None for none) bounds every wait on the peer: a read for a
+    reply that gets no byte for that long, or a drain that cannot hand data to a peer that
+    stopped reading, raises EndpointError. With TCP keepalive it is what notices a link
+    that died silently (packets dropped, no RST), which nothing else would for minutes.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 name: str) -> None:
+                 name: str, *, io_timeout: float | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.name = name
         self.parser = hiredis.Reader()
         self.db = 0
+        self.io_timeout = io_timeout
+        set_keepalive(writer)
 
     @classmethod
     async def open(cls, host: str, port: int, *, role: str, ep: Endpoint | None = None,
-                   timeout: float = CONNECT_TIMEOUT) -> Connection:
+                   timeout: float = CONNECT_TIMEOUT,
+                   io_timeout: float | None = None) -> Connection:
         """Connect and authenticate; ``role`` ('source'/'target') prefixes every error."""
         name = f"{role} {host}:{port}"
         try:
@@ -91,7 +122,7 @@ class Connection:
             raise EndpointError(f"{name}: connect timed out after {timeout:g}s") from None
         except OSError as exc:
             raise EndpointError(f"{name}: cannot connect: {exc.strerror or exc}") from exc
-        conn = cls(reader, writer, name)
+        conn = cls(reader, writer, name, io_timeout=io_timeout)
         try:
             if ep and ep.password:
                 auth: list[Arg] = ["AUTH", ep.username, ep.password] if ep.username else \
@@ -106,9 +137,10 @@ class Connection:
         return conn
 
     @classmethod
-    async def open_endpoint(cls, ep: Endpoint, *, role: str, index: int = 0) -> Connection:
+    async def open_endpoint(cls, ep: Endpoint, *, role: str, index: int = 0,
+                            io_timeout: float | None = None) -> Connection:
         host, port = ep.addrs[index]
-        return await cls.open(host, port, role=role, ep=ep)
+        return await cls.open(host, port, role=role, ep=ep, io_timeout=io_timeout)
 
     def send(self, data: bytes | Iterable[bytes]) -> None:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -117,8 +149,30 @@ class Connection:
             self.writer.writelines(data)
 
     async def drain(self) -> None:
+        """Wait until the transport's buffer is low; with io_timeout, fail when the peer
+        accepts no byte for that long (a slow but live peer only has to keep reading)."""
+        limit = self.io_timeout
+        transport = self.writer.transport
         try:
-            await self.writer.drain()
+            # Nothing left in the transport's buffer: drain cannot wait, so skip the timer.
+            if limit is None or not transport.get_write_buffer_size():
+                await self.writer.drain()
+                return
+            while True:
+                size = transport.get_write_buffer_size()
+                deadline = asyncio.timeout(limit)
+                try:
+                    async with deadline:
+                        await self.writer.drain()
+                    return
+                except TimeoutError:
+                    if not deadline.expired():
+                        raise   # the kernel's ETIMEDOUT, an OSError like any other
+                    if transport.get_write_buffer_size() >= size:
+                        self.abort()
+                        raise EndpointError(
+                            f"{self.name}: no answer for {limit:g}s while writing "
+                            f"(link dead or server not reading); reconnecting") from None
         except (ConnectionError, OSError) as exc:
             raise EndpointError(f"{self.name}: connection lost while writing: {exc}") from exc
 
@@ -131,9 +185,22 @@ class Connection:
             await self._fill()
 
     async def _fill(self) -> None:
+        """Wait for the next bytes (one socket read, at most io_timeout) and parse them."""
+        limit = self.io_timeout
+        deadline: asyncio.Timeout | None = None
         try:
-            data = await self.reader.read(1 << 18)
-        except (ConnectionError, OSError) as exc:
+            if limit is None:
+                data = await self.reader.read(1 << 18)
+            else:
+                # Per socket read, not per reply: replies already buffered need no timer.
+                deadline = asyncio.timeout(limit)
+                async with deadline:
+                    data = await self.reader.read(1 << 18)
+        except (ConnectionError, OSError) as exc:   # TimeoutError is an OSError
+            if deadline is not None and deadline.expired():
+                self.abort()
+                raise EndpointError(f"{self.name}: no answer for {limit:g}s "
+                                    f"(link dead or server stuck); reconnecting") from None
             raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
         if not data:
             raise EndpointError(f"{self.name}: connection closed by the server")
@@ -179,6 +246,23 @@ class Connection:
     def close(self) -> None:
         try:
             self.writer.close()
+        except RuntimeError:  # loop already closed
+            pass
+
+    def abort(self) -> None:
+        """Drop the link at once with a RST (SO_LINGER 0).
+
+        Writes still queued in asyncio or the kernel are discarded: when a silent link
+        heals, they are never delivered late, after a reconnect has sent them again.
+        """
+        sock = self.writer.get_extra_info("socket")
+        try:
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        try:
+            self.writer.transport.abort()
         except RuntimeError:  # loop already closed
             pass
 
