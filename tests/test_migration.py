@@ -306,7 +306,8 @@ def test_failures_name_the_server_and_cause(daemon: Daemon, servers: Servers) ->
     cases["dst-bad-db"] = (d, ["target", dst.addr, "SELECT", "out of range"])
 
     for name, (data, _) in cases.items():
-        daemon.create({"task_id": name, **data})
+        # many tasks into one target: only shared_target lets them be created together
+        daemon.create({"task_id": name, **data, "shared_target": True})
     good = daemon.create(spec(src, good_dst, task_id="good"))
     for name, (_, needles) in cases.items():
         t = daemon.wait_state(name, "Failed", timeout=30)
