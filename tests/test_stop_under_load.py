@@ -27,9 +27,11 @@ def test_pause_delete_and_sigterm_under_a_write_flood(servers: Any,
     src = servers(args=["--repl-backlog-size", "256mb"])
     dst = servers()
     daemon: Daemon = daemon_factory()
-    for tid in ("a", "b", "c"):
+    for i, tid in enumerate(("a", "b", "c")):
+        # three tasks into one target, each in a db of its own
         daemon.ok("create", {"task_id": tid, "source": {"addrs": src.addr},
                              "target": {"addrs": dst.addr}, "reader": "psync",
+                             "db_mapping": {"0": i}, "filter": {"dbs": [0]},
                              "migration_method": "incremental_migration"})
     for tid in ("a", "b", "c"):
         wait_for(lambda: daemon.task(tid)["phase"] == "incremental", 30, what="stream phase")
