@@ -1025,6 +1025,7 @@ class Bench:
                     "source": {"addrs": src.addr},
                     "target": {"addrs": targets[i // (ntasks // ntargets)].addr},
                     "migration_method": "incremental_migration", "reader": "psync",
+                    "filter": {"dbs": [0]},   # each task writes one target db of its own
                     "db_mapping": {"0": i % (ntasks // ntargets) + 1}})["task_id"]
                 create_lat.append((time.perf_counter() - t) * 1000)
                 ids.append(tid)
