@@ -226,36 +226,29 @@ class Manager:
             if task.state == State.SUCCEEDED:
                 raise ConflictError(f"task '{task_id}' has Succeeded; send resync (or create "
                                     f"a new task) to copy again")
-            try:
-                await task.stop()
-            except StoreError as exc:
-                raise not_saved(exc) from exc
-            task.set_state(State.RUNNING, phase=task.phase)
-            task.start()   # before the write that may fail: Running always has its runner
-            try:
-                await task.persist()
-            except StoreError as exc:
-                raise saved_later(exc) from exc
-            return task
+            await task.stop()
+            task.set_state(State.RUNNING, reason=task.note)
+            return await self._run_again(task)
+
+    async def _run_again(self, task: Task) -> Task:
+        """Start a stopped task's runner, then save its record."""
+        task.start()   # before the write that may fail: Running always has its runner
+        try:
+            await task.persist()
+        except StoreError as exc:
+            raise saved_later(exc) from exc
+        return task
 
     async def resync(self, task_id: Any) -> Task:
         """Redo the task's snapshot now (stale target keys removed), then go on."""
         async with self._ops:
             task = self.get(task_id)
             await self._store_writable()
-            try:
-                await task.stop()
-            except StoreError as exc:
-                raise not_saved(exc) from exc
+            await task.stop()
             task.request_resync("resync requested by the operator")
             task.set_state(State.RUNNING, reason=task.note)
-            task.start()   # before the write that may fail: Running always has its runner
-            try:
-                await task.persist()
-            except StoreError as exc:
-                raise saved_later(exc) from exc
             log.info("task %s: resync requested", task_id)
-            return task
+            return await self._run_again(task)
 
     async def delete(self, task_id: Any, ignore_not_found: bool = False) -> str:
         async with self._ops:

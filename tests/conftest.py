@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from .daemon import Daemon
+from .proxy import Proxy
 from .servers import RedisServer
 
 
@@ -45,3 +46,16 @@ def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 @pytest.fixture
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     return daemon_factory()
+
+
+@pytest.fixture
+def server(servers: Callable[..., RedisServer]) -> RedisServer:
+    """One Redis 7 server (for tests that need just one)."""
+    return servers()
+
+
+@pytest.fixture
+def proxy(server: RedisServer) -> Iterator[Proxy]:
+    """A TCP proxy in front of ``server`` that can hold, drop or refuse its traffic."""
+    with Proxy(server.port) as p:
+        yield p

@@ -43,10 +43,14 @@ class Load:
             while not self.stop_event.is_set() and self.ops < self.max_ops:
                 db = self.rng.choice(self.dbs)
                 c = clients[db]
-                if self.kinds == "counters":
+                if self.kinds in ("counters", "counters+lists"):
+                    # the sharpest test of exactly-once: a duplicate or a loss shows
                     pipe = c.pipeline(transaction=False)
                     for _ in range(20):
-                        pipe.incr(f"counter:{self.rng.randrange(50)}")
+                        i = self.rng.randrange(50)
+                        pipe.incr(f"counter:{i}")
+                        if self.kinds == "counters+lists":
+                            pipe.rpush(f"list:{i % 20}", self.ops)
                     pipe.execute()
                     self.ops += 20
                 else:

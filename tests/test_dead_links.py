@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,21 +17,11 @@ from cdcd.resp import Connection, encode
 
 from .compare import wait_same
 from .daemon import Daemon
+from .load import Load
 from .proxy import Proxy
 from .servers import RedisServer, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def server(servers: Callable[..., RedisServer]) -> RedisServer:
-    return servers()
-
-
-@pytest.fixture
-def proxy(server: RedisServer) -> Iterator[Proxy]:
-    with Proxy(server.port) as p:
-        yield p
 
 
 async def open_through(proxy: Proxy, io_timeout: float | None) -> Connection:
@@ -158,46 +148,6 @@ async def test_every_connection_has_tcp_keepalive(proxy: Proxy) -> None:
 
 # --- a running task ---------------------------------------------------------------------------
 
-class CounterLoad:
-    """INCR counters and RPUSH lists on the source from a thread, pipelined, bounded."""
-
-    def __init__(self, server: RedisServer, *, max_ops: int = 400_000) -> None:
-        self.client = server.client()
-        self.max_ops = max_ops
-        self.ops = 0
-        self.stop_event = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> CounterLoad:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(30)
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            i = 0
-            while not self.stop_event.is_set() and self.ops < self.max_ops:
-                pipe = self.client.pipeline(transaction=False)
-                for _ in range(20):
-                    i += 1
-                    pipe.incr(f"counter:{i % 50}")
-                    pipe.rpush(f"list:{i % 20}", i)
-                pipe.execute()
-                self.ops += 40
-                time.sleep(0.002)   # a steady stream, not a flood
-        except BaseException as exc:   # reported by stop()
-            self.error = exc
-
-
 def test_task_notices_a_silent_target_link_and_converges(servers: Callable[..., RedisServer],
                                                          daemon: Daemon) -> None:
     """Needs the lead's wiring: ``target_conn.io_timeout = spec.link_timeout_s`` (task.py)."""
@@ -211,7 +161,8 @@ def test_task_notices_a_silent_target_link_and_converges(servers: Callable[..., 
                        "link_timeout_s": 3})
         wait_for(lambda: daemon.task("dead")["phase"] == "incremental", 30,
                  what="the stream phase")
-        with CounterLoad(src) as load:
+        with Load(src.client, dbs=(0,), kinds="counters+lists",
+                  max_ops=4_000_000) as load:
             wait_for(lambda: daemon.task("dead")["progress"]["incremental"]["ops_applied"]
                      > 1000, 30, what="commands applied through the proxy")
             retries = daemon.task("dead")["progress"]["retries"]

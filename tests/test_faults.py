@@ -73,7 +73,7 @@ def test_target_rolled_back_to_an_older_snapshot_resumes_from_its_marker(
     src, dst = servers(args=["--repl-backlog-size", "256mb"]), servers()
     daemon.ok("create", spec(src, dst, task_id="rb"))
     streaming(daemon, "rb")
-    with Load(src.client, dbs=(0,), kinds="counters", max_ops=2_000_000) as load:
+    with Load(src.client, dbs=(0,), kinds="counters+lists", max_ops=2_000_000) as load:
         wait_for(lambda: load.ops > 5000, 30, what="load")
         dst.client().save()                        # the snapshot it will go back to
         saved = int(dst.client().get(b"cdcd:checkpoint:rb").split()[1])

@@ -8,33 +8,20 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from cdcd.identity import find_conflict, resolve, same_server, target_run_id
 from cdcd.precheck import Check, failed, run_prechecks
-from cdcd.spec import Endpoint, TaskSpec, parse_spec
+from cdcd.spec import Endpoint, TaskSpec
 from cdcd.task import State
 
 from .daemon import Daemon, spec
 from .servers import RedisServer, free_port, wait_for
+from .test_precheck import spec_for
 
 Servers = Callable[..., RedisServer]
 FLAVOURS = ["redis7", "redis6", "valkey8"]
-
-
-def spec_for(src: RedisServer | str, dst: RedisServer | str, **kw: Any) -> TaskSpec:
-    """A spec through the API parser; a server stands for 127.0.0.1:its port."""
-    data: dict[str, Any] = {
-        "source": {"addrs": src if isinstance(src, str) else src.addr},
-        "target": {"addrs": dst if isinstance(dst, str) else dst.addr},
-        "migration_method": "full_amount_migration",
-    }
-    for side in ("source", "target"):
-        data[side].update(kw.pop(side, {}))
-    data.update(kw)
-    return parse_spec(data)
 
 
 async def identity(spec: TaskSpec) -> tuple[Check, list[Check], dict[str, str | None]]:

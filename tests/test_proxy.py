@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -15,17 +14,6 @@ from .proxy import Proxy
 from .servers import RedisServer, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def server(servers: Callable[..., RedisServer]) -> RedisServer:
-    return servers()
-
-
-@pytest.fixture
-def proxy(server: RedisServer) -> Iterator[Proxy]:
-    with Proxy(server.port) as p:
-        yield p
 
 
 def client(proxy: Proxy, timeout: float = 5) -> redis.Redis[bytes]:
