@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .serve import add_serve_parser, serve
 
 DEFAULT_URL = "http://127.0.0.1:8444"
 
@@ -23,12 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cdcd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--data-dir")
-    s.add_argument("--config", help="TOML file (default: config/cdcd.toml when present)")
-    s.add_argument("--log-level")
+    add_serve_parser(sub)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
@@ -91,45 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .config import ConfigError, load
-    from .errors import CdcdError
-    from .server import SHUTDOWN, make_app
-
-    try:
-        cfg = load(args.config, {"host": args.host, "port": args.port,
-                                 "data_dir": args.data_dir, "log_level": args.log_level})
-        logging.basicConfig(level=cfg.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        app = make_app(cfg)
-    except (ConfigError, CdcdError, ValueError) as exc:
-        print(f"cdcd: {exc}", file=sys.stderr)
-        return 2
-    logging.getLogger("cdcd").info("cdcd %s listening on http://%s:%d, data in %s",
-                                   __version__, cfg.host, cfg.port, cfg.data_dir)
-    try:
-        web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None,
-                    shutdown_timeout=10)
-    except CdcdError as exc:
-        print(f"cdcd: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"cdcd: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return 2
-    store_error = app[SHUTDOWN].store_error
-    if store_error:
-        # the tasks are stopped, but what they did since the last write that succeeded is
-        # not in cdcd.json: a restart resumes from older checkpoints
-        print(f"cdcd: stopped, but the metadata store could not be written: {store_error}; "
-              f"{Path(cfg.data_dir) / 'cdcd.json'} keeps the last version written",
-              file=sys.stderr)
-        return 1
-    return 0
 
 
 class ClientError(Exception):
