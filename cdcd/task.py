@@ -422,6 +422,8 @@ class Task:
                            f"{resume.replid} no longer in its backlog)")
                 else:
                     why = "the first snapshot was interrupted"
+                # Kept until the stale keys are removed: a crash before that redoes it all.
+                self.checkpoint["resync"] = why
                 note = f"{why}; snapshot redone"
                 if not self._cleanup_allowed():
                     note += (": existing_keys is skip and the target held keys before the "
@@ -599,8 +601,9 @@ class Task:
         fresh = self.fresh
         ids: dict[str, str | None] = {}
         checks = await run_prechecks(self.spec, fresh=fresh, identity_out=ids)
-        self.target_run_id = ids.get("target_run_id") or self.target_run_id
-        conflict = find_conflict(self.spec, self.target_run_id, self.peers())
+        # (self.target_run_id is updated by _start_writing, which compares the two)
+        run_id = ids.get("target_run_id") or self.target_run_id
+        conflict = find_conflict(self.spec, run_id, self.peers())
         if conflict is not None:
             checks.append(Check(name="target.shared", status="error", message=conflict))
         self.prechecks = [c.to_json() for c in checks]

@@ -275,3 +275,20 @@ def test_view_says_the_task_waits_for_the_sources_delayed_rdb(servers: Any,
     assert view["phase"] == "snapshot", view
     streaming(daemon, "wait")
     assert daemon.task("wait")["progress"]["status"] == "streaming"
+
+
+def test_target_restarting_empty_during_a_scan_snapshot_starts_it_over(
+        servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    fill_random(src.client(), 6000, 1000)               # ~6 MB at 2 MB/s: ~3 s
+    daemon.ok("create", {**spec(src, dst, reader="scan", task_id="scan",
+                                migration_method="full_amount_migration"),
+                         "bandwidth_limit_mb": 2})
+    wait_for(lambda: progress(daemon, "scan")["snapshot"]["keys_done"] > 1000, 30,
+             what="part of the snapshot on the target")
+    dst.kill()
+    dst.start()                                         # empty, a new run_id
+    view = daemon.wait_state("scan", "Succeeded", timeout=90)
+    assert_same(src.client(), dst.client())
+    assert view["progress"]["target_resets"] == 1
+    assert "restarted during the snapshot" in view["reason"], view["reason"]
