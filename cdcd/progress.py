@@ -45,8 +45,17 @@ class Progress:
         self._rate.append((time.monotonic(), self.keys_done + self.ops_applied))
 
     def ops_per_sec(self) -> float:
+        """Work per second over the last few seconds; 0 at once for a stopped or idle task.
+
+        The pipeline samples about once a second: a last sample older than ~2 s means it
+        stopped (finished, paused, failed), and an unmoved counter across the last two
+        samples means it is idle; either reads 0 rather than a rate decaying for 10 s.
+        """
         now = time.monotonic()
-        pts = [p for p in self._rate if now - p[0] <= 10]
+        rate = self._rate
+        if len(rate) < 2 or now - rate[-1][0] > 2.5 or rate[-1][1] == rate[-2][1]:
+            return 0.0
+        pts = [p for p in rate if now - p[0] <= 10]
         if len(pts) < 2 or pts[-1][0] - pts[0][0] <= 0:
             return 0.0
         return round((pts[-1][1] - pts[0][1]) / (pts[-1][0] - pts[0][0]), 1)
