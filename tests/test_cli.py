@@ -10,6 +10,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from cdcd.progress import Progress
+
 from .compare import assert_same, fill_bulk
 from .daemon import Daemon, spec
 from .servers import RedisServer
@@ -19,7 +23,7 @@ def cdcd(daemon: Daemon | None, *args: str, stdin: str | None = None,
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     url = ["--url", daemon.url] if daemon is not None else []
     cmd = [sys.executable, "-m", "cdcd", *args[:1], *url, *args[1:]]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("CDCD_URL", "CDCD_AUTH_TOKEN")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CDCD_")}
     full_env.update(env or {})
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60,
                           env=full_env)
@@ -127,7 +131,7 @@ def test_cli_get_watch(daemon: Daemon, servers: Callable[..., RedisServer]) -> N
     src.client().set("k", "v")
     tid = daemon.create(spec(src, dst, task_id="w"))
     daemon.wait_state(tid, "Succeeded")
-    env = {k: v for k, v in os.environ.items() if k not in ("CDCD_URL", "CDCD_AUTH_TOKEN")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDCD_")}
     proc = subprocess.Popen([sys.executable, "-m", "cdcd", "get", "--url", daemon.url, "w",
                              "--watch"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -176,9 +180,33 @@ def test_console_script_entry_point() -> None:
         script_cmd = [str(script)]
     r = subprocess.run([*script_cmd, "--help"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0
-    for word in ("serve", "create", "list", "get", "pause", "resume", "delete"):
+    for word in ("serve", "create", "list", "get", "pause", "resume", "delete", "resync",
+                 "precheck", "verify"):
         assert word in r.stdout
     r = subprocess.run([*script_cmd, "serve", "--help"], capture_output=True, text=True,
                        timeout=30)
     for flag in ("--host", "--port", "--data-dir", "--config"):
         assert flag in r.stdout
+
+
+def test_ops_per_sec_reads_zero_at_once_when_idle_or_stopped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`get` shows a finished or idle task at 0 ops/s, not a rate decaying for 10 s."""
+    now = [1000.0]
+    monkeypatch.setattr("cdcd.progress.time.monotonic", lambda: now[0])
+    p = Progress()
+    assert p.ops_per_sec() == 0.0
+    for _ in range(5):              # 100 keys a second, sampled every second
+        p.keys_done += 100
+        p.sample()
+        now[0] += 1.0
+    now[0] -= 0.5
+    assert p.ops_per_sec() == 100.0
+    now[0] += 2.5                   # the last sample is 3 s old: the pipeline stopped
+    assert p.ops_per_sec() == 0.0
+    p.sample()                      # sampled again, but nothing moved: idle
+    assert p.ops_per_sec() == 0.0
+    now[0] += 1.0
+    p.ops_applied += 30
+    p.sample()                      # moving again
+    assert p.ops_per_sec() > 0
