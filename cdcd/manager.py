@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ConflictError, NotFoundError, RequestError, StoreError
@@ -227,7 +228,12 @@ class Manager:
                 raise ConflictError(f"task '{task_id}' has Succeeded; send resync (or create "
                                     f"a new task) to copy again")
             await task.stop()
-            task.set_state(State.RUNNING, reason=task.note)
+            start_at = task.spec.start_at
+            if start_at is not None and start_at > datetime.now(UTC):
+                # Still scheduled: back to waiting; the runner makes it Running at start_at.
+                task.set_state(State.INITIAL)
+            else:
+                task.set_state(State.RUNNING, reason=task.note)
             return await self._run_again(task)
 
     async def _run_again(self, task: Task) -> Task:

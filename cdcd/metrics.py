@@ -1,16 +1,34 @@
-"""Prometheus metrics: API requests, per-task values read from the live tasks, and
-verifications by state. Every name starts with ``cdcd_``."""
+"""Prometheus metrics: API requests, HTTP connections, per-task values read from the live
+tasks, verifications by state, the store's health, the build, and the process.
+
+Conventions (https://prometheus.io/docs/practices/naming/): base units (seconds, bytes),
+``_total`` counters for everything that counts (take ``rate()`` for per-second values: no
+precomputed rate gauge), no ``_created`` series, and labels of bounded cardinality only
+(``task_id`` and ``state`` are bounded by ``max_tasks``; never a key name). Every cdcd
+series starts with ``cdcd_``; the process and platform collectors add ``process_*`` and
+``python_*``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import platform
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .verify import STATES as VERIFICATION_STATES
 
 if TYPE_CHECKING:
@@ -45,12 +63,10 @@ class TaskCollector(Collector):
         sbytes = counter("cdcd_snapshot_bytes", "Payload bytes copied by the snapshot")
         written = counter("cdcd_target_written_bytes", "Bytes written to the target")
         ops = counter("cdcd_commands_applied", "Replicated commands applied to the target")
-        rate = gauge("cdcd_ops_per_second", "Keys plus commands applied per second, "
-                     "over the last few seconds")
         lag_b = gauge("cdcd_lag_bytes", "Source replication offset minus applied offset "
                       "(incremental tasks)")
-        lag_ms = gauge("cdcd_lag_milliseconds", "Measured time from reading a change to the "
-                       "target acknowledging it (incremental tasks)")
+        lag_s = gauge("cdcd_lag_seconds", "Measured time from reading a change to the "
+                      "target acknowledging it (incremental tasks, once measured)")
         retries = counter("cdcd_retries", "Reconnects after errors")
         errors = counter("cdcd_errors", "Errors the task's pipeline stopped on (each retry "
                          "and each failure counts)")
@@ -76,7 +92,6 @@ class TaskCollector(Collector):
             sbytes.add_metric([tid], p.snapshot_bytes)
             written.add_metric([tid], p.bytes_written)
             ops.add_metric([tid], p.ops_applied)
-            rate.add_metric([tid], p.ops_per_sec())
             retries.add_metric([tid], p.retries)
             errors.add_metric([tid], p.errors)
             resyncs.add_metric([tid], p.full_resyncs)
@@ -88,8 +103,8 @@ class TaskCollector(Collector):
             if task.spec.incremental:
                 lag_b.add_metric([tid], max(0, p.source_offset - p.applied_offset))
                 if p.lag_ms is not None:
-                    lag_ms.add_metric([tid], p.lag_ms)
-        yield from (state, keys, expected, skipped, sbytes, written, ops, rate, lag_b, lag_ms,
+                    lag_s.add_metric([tid], p.lag_ms / 1000.0)
+        yield from (state, keys, expected, skipped, sbytes, written, ops, lag_b, lag_s,
                     retries, errors, resyncs, resets, evicted, drift, drift_total)
         verifications = GaugeMetricFamily("cdcd_verifications", "Verifications kept in "
                                           "memory, by state", labels=["state"])
@@ -115,22 +130,73 @@ class StoreCollector(Collector):
                                   "that failed (each retry counts)", value=store.write_errors)
 
 
+class HttpCollector(Collector):
+    """The build, and the API's connections against ``max_connections`` (the server
+    reports them before each scrape with ``Metrics.observe_connections``)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.rejected = 0
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("cdcd_build_info", "Always 1; the labels say which cdcd "
+                                 "and which Python run", labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        yield GaugeMetricFamily("cdcd_http_connections", "Open API connections counted "
+                                "against max_connections", value=self.connections)
+        yield CounterMetricFamily("cdcd_http_connections_rejected", "Connections answered "
+                                  "503 and closed because max_connections were open",
+                                  value=self.rejected)
+
+
+class WithoutCreated(Collector):
+    """Serve prometheus_client's own metric objects without their ``_created`` samples.
+
+    prometheus_client adds a ``<name>_created`` gauge per counter and histogram child
+    unless the process-global ``disable_created_metrics()`` (or its environment
+    variable) says otherwise; filtering here keeps the choice on this daemon's registry.
+    """
+
+    def __init__(self, *collectors: Collector) -> None:
+        self.collectors = collectors
+
+    def collect(self) -> Iterable[Metric]:
+        for collector in self.collectors:
+            for family in collector.collect():
+                family.samples = [s for s in family.samples
+                                  if s.name != family.name + "_created"]
+                yield family
+
+
 class Metrics:
     """One registry per daemon (no process-global metric state)."""
 
     def __init__(self, manager: Manager) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("cdcd_api_requests", "API requests by request_type and code",
-                                ["request_type", "code"], registry=self.registry)
-        self.latency = Histogram("cdcd_api_request_seconds", "API request latency",
-                                 ["request_type"], registry=self.registry,
+        self.requests = Counter("cdcd_api_requests", "API requests (POST /cdc and other "
+                                "methods on /cdc) by request_type and HTTP status",
+                                ["request_type", "code"], registry=None)
+        self.latency = Histogram("cdcd_api_request_duration_seconds", "Time to answer an "
+                                 "API request, body read included", ["request_type"],
+                                 registry=None,
                                  buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5))
+        self.http = HttpCollector()
+        self.registry.register(WithoutCreated(self.requests, self.latency))
+        self.registry.register(self.http)
         self.registry.register(TaskCollector(manager))
         self.registry.register(StoreCollector(manager))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def observe_request(self, request_type: str, code: int, seconds: float) -> None:
         self.requests.labels(request_type, str(code)).inc()
         self.latency.labels(request_type).observe(seconds)
+
+    def observe_connections(self, open_connections: int, rejected: int) -> None:
+        self.http.connections = open_connections
+        self.http.rejected = rejected
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

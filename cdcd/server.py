@@ -5,6 +5,7 @@ Errors become envelope codes here and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -14,6 +15,9 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler as WebHandler
+from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
 from .errors import AuthError, CdcdError, PayloadTooLarge, RequestError, StoreError
@@ -43,12 +47,157 @@ class Shutdown:
 SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown", Shutdown)
 
 
+class RequestTimeout(CdcdError):
+    """408: the request body did not arrive within ``body_read_timeout_s``.
+
+    This and TooManyConnections are HTTP-layer errors: only this module raises them.
+    """
+
+    code = 408
+    error = "request_timeout"
+
+
+class TooManyConnections(CdcdError):
+    """503: ``max_connections`` connections are open already."""
+
+    code = 503
+    error = "too_many_connections"
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body arrived (nobody to answer;
+    counted as code 499, nginx's "client closed request")."""
+
+
 def _reply(code: int, body: dict[str, Any]) -> web.Response:
     return web.Response(status=code, body=orjson.dumps(body), content_type="application/json")
 
 
 def error_reply(exc: CdcdError) -> web.Response:
-    return _reply(exc.code, {"code": exc.code, "error": exc.error, "message": exc.message})
+    response = _reply(exc.code, {"code": exc.code, "error": exc.error, "message": exc.message})
+    if exc.code == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="cdcd"'
+    return response
+
+
+async def answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send ``response`` now and close the socket right after it, instead of letting aiohttp
+    linger up to 10 s reading the rest of a body nobody will handle (a client too slow to
+    send its body, or one over the connection cap)."""
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass   # the client is gone already
+    request.protocol.force_close()
+    return response
+
+
+class Connections:
+    """The connection cap: count the open connections that have sent a request (handling
+    it, or idle between keep-alive requests) and refuse a new one over ``limit``.
+
+    aiohttp has no cap of its own and admits a connection before anything is known about
+    it, so a connection is counted at its first request; one that never completes a request
+    head is closed by the keep-alive timer (``body_read_timeout_s``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.rejected = 0
+        self._open: set[RequestHandler] = set()
+
+    def admit(self, protocol: RequestHandler) -> bool:
+        if protocol in self._open:
+            return True
+        if len(self._open) >= self.limit:
+            self._forget_closed()
+            if len(self._open) >= self.limit:
+                self.rejected += 1
+                return False
+        self._open.add(protocol)
+        return True
+
+    def count(self) -> int:
+        self._forget_closed()
+        return len(self._open)
+
+    def _forget_closed(self) -> None:
+        self._open = {p for p in self._open
+                      if p.transport is not None and not p.transport.is_closing()}
+
+
+CONNECTIONS: web.AppKey[Connections] = web.AppKey("connections", Connections)
+HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def http_error_reply(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """The envelope for an error aiohttp's router raises (unknown path, wrong method)."""
+    path = request.path if len(request.path) <= 200 else request.path[:200] + "..."
+    if exc.status == 404:
+        routes = sorted({f"{r.method} {r.resource.canonical}" for r in request.app.router.routes()
+                         if r.resource is not None and r.method != "HEAD"})
+        message = f"no such path {path}; the API answers " + ", ".join(routes)
+    elif exc.status == 405:
+        message = (f"{request.method} {path}: method not allowed; use "
+                   f"{exc.headers.get('Allow', '')}")
+    else:
+        message = f"{exc.status} {exc.reason}"
+    error = HTTP_ERRORS.get(exc.status) or "_".join(exc.reason.lower().split()) or "http_error"
+    response = _reply(exc.status, {"code": exc.status, "error": error, "message": message})
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def http_edges(request: web.Request, handler: WebHandler) -> web.StreamResponse:
+    """The connection cap, and the envelope for every error page (404, 405, a bug's 500)."""
+    app = request.app
+    metrics = app.get(METRICS)
+    # /healthz is always answered (a liveness probe must not restart a busy daemon); its
+    # connection is not counted, and closed after the answer when the cap is reached.
+    if request.path != "/healthz" and not app[CONNECTIONS].admit(request.protocol):
+        limit = app[CONNECTIONS].limit
+        if app[CONNECTIONS].rejected == 1 or app[CONNECTIONS].rejected % 1000 == 0:
+            log.warning("max_connections (%d) open: new connections are answered 503 "
+                        "(%d so far)", limit, app[CONNECTIONS].rejected)
+        response = error_reply(TooManyConnections(
+            f"{limit} connections are open (max_connections); retry later"))
+        response.headers["Retry-After"] = "1"
+        if metrics is not None and request.path == "/cdc":
+            metrics.observe_request("invalid", 503, 0.0)
+        return await answer_and_close(request, response)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = http_error_reply(request, exc)
+    except Exception as exc:
+        log.exception("bug while handling %s %s", request.method, request.path)
+        response = error_reply(CdcdError(f"internal error while handling {request.method} "
+                                         f"{request.path}: {type(exc).__name__}"))
+    if metrics is not None and request.path == "/cdc":
+        metrics.observe_request("invalid", response.status, 0.0)
+    return response
+
+
+class HttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's protocol logger: a request it cannot parse (bad request line or headers,
+    answered 400 by aiohttp itself) is the client's fault, so one line at INFO without
+    traceback or the offending bytes (they may hold a token); anything else as aiohttp
+    logs it."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            text = str(msg) % args if args else str(msg)
+            super().log(min(level, logging.INFO), "%s: cannot parse it (%s), answered %d",
+                        text, type(exc).__name__, exc.code)
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 def _fields(data: dict[str, Any], allowed: set[str]) -> None:
@@ -141,8 +290,11 @@ def check_token(request: web.Request, token: str) -> None:
         return
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(),
-                                                              token.encode()):
+    # Header values are str decoded with surrogateescape (any bytes: latin-1, invalid
+    # UTF-8); surrogatepass encodes every str, both sides alike.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode("utf-8", "surrogatepass"),
+            token.encode("utf-8", "surrogatepass")):
         raise AuthError("missing or wrong bearer token (Authorization: Bearer <token>)")
 
 
@@ -151,6 +303,7 @@ async def handle_cdc(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     started = time.perf_counter()
     request_type = "invalid"
+    close_now = False
     try:
         check_token(request, app[TOKEN])
         limit = app[CONFIG].max_body_bytes
@@ -158,10 +311,19 @@ async def handle_cdc(request: web.Request) -> web.Response:
         # refuse a declared oversize body at once, without waiting for it to arrive
         if request.content_length is not None and request.content_length > limit:
             raise too_large
+        timeout = float(getattr(app[CONFIG], "body_read_timeout_s", 30))
         try:
-            body = await request.read()
+            async with asyncio.timeout(timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s "
+                                 f"(body_read_timeout_s)") from None
+        except ConnectionError:
+            raise ClientGone() from None
+        except web.RequestPayloadError:
+            raise RequestError("body: malformed (chunked encoding or length)") from None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -189,6 +351,14 @@ async def handle_cdc(request: web.Request) -> web.Response:
     except PayloadTooLarge as exc:
         response = error_reply(exc)
         response.force_close()  # the rest of the body is never read
+    except RequestTimeout as exc:
+        response = error_reply(exc)
+        close_now = True
+    except ClientGone:
+        log.debug("a client closed its connection before sending its whole request body")
+        response = _reply(499, {"code": 499, "error": "client_closed_request",
+                                "message": "the client closed the connection"})
+        response.force_close()
     except CdcdError as exc:
         response = error_reply(exc)
     except Exception as exc:
@@ -196,6 +366,8 @@ async def handle_cdc(request: web.Request) -> web.Response:
         response = error_reply(CdcdError(f"internal error while handling {request_type}: "
                                          f"{type(exc).__name__}"))
     metrics.observe_request(request_type, response.status, time.perf_counter() - started)
+    if close_now:
+        return await answer_and_close(request, response)
     return response
 
 
@@ -210,6 +382,7 @@ async def handle_metrics(request: web.Request) -> web.Response:
             check_token(request, app[TOKEN])
         except AuthError as exc:
             return error_reply(exc)
+    app[METRICS].observe_connections(app[CONNECTIONS].count(), app[CONNECTIONS].rejected)
     body, content_type = app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -218,10 +391,16 @@ TOKEN: web.AppKey[str] = web.AppKey("token", str)
 
 
 def make_app(cfg: Config) -> web.Application:
-    app = web.Application(client_max_size=cfg.max_body_bytes)
+    client_timeout = float(getattr(cfg, "body_read_timeout_s", 30))
+    app = web.Application(
+        client_max_size=cfg.max_body_bytes, middlewares=[http_edges],
+        # keepalive_timeout also closes a connection that sends no complete request head
+        handler_args={"keepalive_timeout": client_timeout,
+                      "logger": HttpLog(logging.getLogger("cdcd.http"))})
     app[CONFIG] = cfg
     app[TOKEN] = cfg.token()
     app[SHUTDOWN] = Shutdown()
+    app[CONNECTIONS] = Connections(getattr(cfg, "max_connections", 256))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         manager = Manager(Store(cfg.data_dir), max_tasks=cfg.max_tasks)

@@ -314,10 +314,12 @@ async def test_pause_resume_are_idempotent_on_scheduled_task(api: Api) -> None:
         assert await api.ok("pause", {"task_id": "sched"}) == {"task_id": "sched",
                                                                 "state": "Paused"}
         assert (await api.ok("get", {"task_id": "sched"}))["task"]["state"] == "Paused"
-    assert await api.ok("resume", {"task_id": "sched"}) == {"task_id": "sched",
-                                                             "state": "Running"}
-    assert await api.ok("resume", {"task_id": "sched"}) == {"task_id": "sched",
-                                                             "state": "Running"}
+    # its start_at is still ahead: resumed, it waits again in Initial (phase scheduled)
+    for _ in range(2):
+        assert await api.ok("resume", {"task_id": "sched"}) == {"task_id": "sched",
+                                                                 "state": "Initial"}
+        t = (await api.ok("get", {"task_id": "sched"}))["task"]
+        assert (t["state"], t["phase"]) == ("Initial", "scheduled"), t
     assert await api.ok("delete", {"task_id": "sched"}) == {"task_id": "sched"}
     status, doc = await api.call("get", {"task_id": "sched"})
     check_error(status, doc, 404, "sched")
@@ -779,4 +781,5 @@ def test_answers_are_durable_before_they_are_sent(daemon: Daemon) -> None:
     daemon.kill()
     daemon.start()
     states = {t["task_id"]: t["state"] for t in daemon.ok("list")["tasks"]}
-    assert states == {"b": "Paused", "c": "Running"}
+    # c is scheduled (start_at ahead): resumed, it waits in Initial again
+    assert states == {"b": "Paused", "c": "Initial"}

@@ -361,8 +361,10 @@ def scrape(d: Daemon, token: str = "") -> dict[tuple[str, tuple[tuple[str, str],
     out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
     names = set()
     for family in text_string_to_metric_families(body.decode()):
-        assert family.name.startswith("cdcd_"), family.name
+        # cdcd's own series, and the process and platform collectors'
+        assert family.name.startswith(("cdcd_", "process_", "python_")), family.name
         for s in family.samples:
+            assert not s.name.endswith("_created"), s.name
             key = (s.name, tuple(sorted(s.labels.items())))
             assert key not in out, f"duplicate sample {key}"
             out[key] = s.value
@@ -423,7 +425,8 @@ def test_metrics_match_the_task_view(daemon: Daemon, servers: Servers) -> None:
                   "bytes_written")
     assert agrees(metric(samples, "cdcd_lag_bytes", task_id=tid), "incremental", "lag_bytes")
     if p["incremental"]["lag_ms"] is not None and after["progress"]["incremental"]["lag_ms"]:
-        assert agrees(metric(samples, "cdcd_lag_milliseconds", task_id=tid),
+        # in seconds, the base unit; the view says milliseconds (rounded to 0.1)
+        assert agrees(1000 * metric(samples, "cdcd_lag_seconds", task_id=tid),
                       "incremental", "lag_ms")
     assert metric(samples, "cdcd_retries_total", task_id=tid) == p["retries"] == 0
     assert metric(samples, "cdcd_errors_total", task_id=tid) == p["errors"] == 0
@@ -433,7 +436,7 @@ def test_metrics_match_the_task_view(daemon: Daemon, servers: Servers) -> None:
     # the API itself: requests by type and code, latency by type
     assert metric(samples, "cdcd_api_requests_total", request_type="get", code="200") >= 3
     assert metric(samples, "cdcd_api_requests_total", request_type="create", code="200") == 2
-    assert metric(samples, "cdcd_api_request_seconds_count", request_type="get") >= 3
+    assert metric(samples, "cdcd_api_request_duration_seconds_count", request_type="get") >= 3
     daemon.api("get", {"task_id": "missing"})
     samples = scrape(daemon)
     assert metric(samples, "cdcd_api_requests_total", request_type="get", code="404") == 1
