@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .precheck import failed, run_prechecks
 from .spec import parse_spec
 from .store import Store
+from .tasksfile import Declared, reconcile
 
 log = logging.getLogger("cdcd.server")
 
@@ -45,6 +46,22 @@ class Shutdown:
 
 
 SHUTDOWN: web.AppKey[Shutdown] = web.AppKey("shutdown", Shutdown)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Readiness:
+    """What ``GET /readyz`` needs to know beyond the store's health: whether the stored
+    tasks are loaded and the tasks file reconciled (and how)."""
+
+    loaded: bool = False                     # store open, stored tasks loaded
+    tasks_file: str = ""                     # the tasks setting ("" = none)
+    declared: list[Declared] = dataclasses.field(default_factory=list)
+    results: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    reconciled: bool = False
+    reconciler: asyncio.Task[None] | None = None
+
+
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
 
 
 class RequestTimeout(CdcdError):
@@ -375,6 +392,54 @@ async def handle_health(request: web.Request) -> web.Response:
     return _reply(200, {"code": 200, "data": {"status": "ok"}})
 
 
+async def handle_readyz(request: web.Request) -> web.Response:
+    """200 once the stored tasks are loaded, the tasks file reconciled and the store
+    writable; 503 naming what is not. The reconciliation results are shown to a caller
+    with the token (or when none is set); the status needs none, like /healthz."""
+    app = request.app
+    ready = app[READINESS]
+    manager = app.get(MANAGER)
+    store = manager.store if manager is not None and ready.loaded else None
+    problems = []
+    if store is None:
+        problems.append("the metadata store is not open and the stored tasks not loaded yet")
+    elif not store.healthy:
+        problems.append(f"the metadata store cannot be written: {store.last_error}")
+    if not ready.reconciled:
+        problems.append(f"tasks file {ready.tasks_file} not reconciled yet "
+                        f"({len(ready.results)} of {len(ready.declared)} specs done)")
+    if problems:
+        return _reply(503, {"code": 503, "error": "not_ready",
+                            "message": "not ready: " + "; ".join(problems)})
+    assert manager is not None
+    data: dict[str, Any] = {"status": "ready", "tasks": len(manager.tasks),
+                            "store": {"path": str(manager.store.path), "writable": True}}
+    try:
+        check_token(request, app[TOKEN])
+    except AuthError:
+        return _reply(200, {"code": 200, "data": data})
+    data["tasks_file"] = {"path": ready.tasks_file or None, "results": ready.results}
+    return _reply(200, {"code": 200, "data": data})
+
+
+async def start_reconciliation(app: web.Application) -> None:
+    """Create the tasks file's specs in the background (``cdcd serve`` calls this once the
+    socket is bound; the lifecycle's cleanup cancels and awaits it)."""
+    ready = app[READINESS]
+    if ready.reconciled or ready.reconciler is not None:
+        return
+
+    async def run() -> None:
+        try:
+            await reconcile(app[MANAGER], ready.declared, ready.results)
+        except Exception:
+            log.exception("tasks file %s: reconciliation failed", ready.tasks_file)
+            raise
+        ready.reconciled = True
+
+    ready.reconciler = asyncio.create_task(run(), name="cdcd-tasks-file")
+
+
 async def handle_metrics(request: web.Request) -> web.Response:
     app = request.app
     if app[CONFIG].metrics_need_token:
@@ -390,7 +455,9 @@ async def handle_metrics(request: web.Request) -> web.Response:
 TOKEN: web.AppKey[str] = web.AppKey("token", str)
 
 
-def make_app(cfg: Config) -> web.Application:
+def make_app(cfg: Config, declared: list[Declared] | None = None) -> web.Application:
+    """The daemon's app; ``declared`` are the tasks file's specs (already validated),
+    created once ``start_reconciliation`` is called."""
     client_timeout = float(getattr(cfg, "body_read_timeout_s", 30))
     app = web.Application(
         client_max_size=cfg.max_body_bytes, middlewares=[http_edges],
@@ -401,13 +468,21 @@ def make_app(cfg: Config) -> web.Application:
     app[TOKEN] = cfg.token()
     app[SHUTDOWN] = Shutdown()
     app[CONNECTIONS] = Connections(getattr(cfg, "max_connections", 256))
+    app[READINESS] = ready = Readiness(tasks_file=cfg.tasks, declared=declared or [],
+                                       reconciled=not declared)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         manager = Manager(Store(cfg.data_dir), max_tasks=cfg.max_tasks)
         app[MANAGER] = manager
         app[METRICS] = Metrics(manager)
         await manager.start()
+        ready.loaded = True
         yield
+        ready.loaded = False
+        if ready.reconciler is not None:
+            ready.reconciler.cancel()
+            # gather: our own cancellation still propagates, the task's is its result
+            await asyncio.gather(ready.reconciler, return_exceptions=True)
         try:
             await manager.stop()
         except StoreError as exc:   # every task is stopped; only the final write failed
@@ -416,5 +491,6 @@ def make_app(cfg: Config) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/cdc", handle_cdc)
     app.router.add_get("/healthz", handle_health)
+    app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/metrics", handle_metrics)
     return app

@@ -33,11 +33,16 @@ def spec(source: RedisServer | str, target: RedisServer | str, **kw: Any) -> dic
 
 
 class Daemon:
-    def __init__(self, data_dir: Path, *, token: str = "", extra: list[str] | None = None) -> None:
+    def __init__(self, data_dir: Path, *, token: str = "", extra: list[str] | None = None,
+                 env: dict[str, str] | None = None, flags: bool = True) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.token = token
         self.extra = extra or []
+        self.env = env or {}   # added to the daemon's environment
+        # False: no --port/--data-dir flags (they come from env or a config file; set
+        # .port to the port the daemon will listen on)
+        self.flags = flags
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"daemon-{self.port}.log"
 
@@ -49,10 +54,12 @@ class Daemon:
         env = dict(os.environ)
         if self.token:
             env["CDCD_AUTH_TOKEN"] = self.token
+        env.update(self.env)
         logf = open(self.log, "ab")
+        flags = ["--port", str(self.port), "--data-dir", str(self.data_dir)] if self.flags \
+            else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cdcd", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data_dir), *self.extra],
+            [sys.executable, "-m", "cdcd", "serve", *flags, *self.extra],
             stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent)
         logf.close()
         wait_for(self._healthy, 20, what=f"daemon on {self.port} (log {self.log})")
@@ -66,6 +73,27 @@ class Daemon:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    def get(self, path: str) -> tuple[int, Any]:
+        """GET ``path`` (e.g. /readyz): the status and the JSON body."""
+        hdrs = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        req = urllib.request.Request(self.url + path, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def ready(self) -> tuple[int, Any]:
+        """GET /readyz: (200, body) when ready, (503, body) otherwise."""
+        return self.get("/readyz")
+
+    def wait_ready(self, timeout: float = 30) -> dict[str, Any]:
+        """Wait until /readyz answers 200; return its data."""
+        def ready() -> dict[str, Any] | None:
+            code, doc = self.ready()
+            return dict(doc["data"]) if code == 200 else None
+        return dict(wait_for(ready, timeout, 0.1, what=f"daemon on {self.port} ready"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -123,3 +151,13 @@ class Daemon:
                 raise AssertionError(f"task {task_id} failed: {t['reason']}")
             return None
         return dict(wait_for(reached, timeout, 0.1, what=f"task {task_id} in {states}"))
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run ``cdcd serve ARGS`` that is expected to exit by itself (a refused start), with
+    no CDCD_* variable but those of ``env``."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("CDCD_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "cdcd", "serve", *args], env=full, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
