@@ -126,10 +126,10 @@ def add_connection_flags(c: argparse.ArgumentParser) -> None:
     g = c.add_argument_group("daemon")
     g.add_argument("--url", help="the daemon's address, http:// or https:// (default: "
                    "$CDCD_URL, else http://127.0.0.1:$CDCD_PORT, else " + DEFAULT_URL + ")")
-    g.add_argument("--token", help="bearer token (default: $CDCD_AUTH_TOKEN, else the "
-                   "content of --token-file)")
+    g.add_argument("--token", help="bearer token; on a command line `ps` shows it, prefer "
+                   "--token-file or the environment (default: $CDCD_AUTH_TOKEN)")
     g.add_argument("--token-file", metavar="PATH", help="file holding the bearer token "
-                   "(default: $CDCD_AUTH_TOKEN_FILE)")
+                   "(default: $CDCD_AUTH_TOKEN_FILE, when $CDCD_AUTH_TOKEN is not set)")
     c.add_argument("--json", action="store_true",
                    help="print the daemon's raw JSON answer instead of a table")
 
