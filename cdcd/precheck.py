@@ -204,6 +204,7 @@ class _Side:
         self.info_refusal = ""
         self.hello: dict[str, str] = {}     # HELLO 2: server, version, mode, role
         self.config: dict[str, str] = {}
+        self.tls = ""                       # TLS version and cipher of the link
 
     @property
     def name(self) -> str:
@@ -236,6 +237,7 @@ class _Side:
         try:
             self.conn = await Connection.open(self.host, self.port, role=self.role, ep=self.ep,
                                               timeout=timeout)
+            self.tls = self.conn.tls
             replies = await self.pipeline([["PING"], ["INFO"], ["HELLO", "2"]]
                                           + [["CONFIG", "GET", c] for c in _CONFIGS])
             self._load(replies)
@@ -365,6 +367,24 @@ def _connection_check(side: _Side) -> Check:
                      message=f"{side.name} reachable {who}{extra}, but INFO is refused "
                              f"({side.info_refusal}): checks that need it fail")
     return Check(name=name, status="ok", message=f"{side.name} reachable {who}{extra}")
+
+
+async def _tls_check(side: _Side) -> Check:
+    """Say how the link is protected: ok when the server's certificate was verified, a
+    warning when ``tls_skip_verify`` leaves the server unauthenticated."""
+    name = f"{side.role}.tls"
+    ep = side.ep
+    link = f"{side.name}: {side.tls or 'TLS'}"
+    if ep.tls_skip_verify:
+        return Check(name=name, status="warning",
+                     message=f"{link}, but tls_skip_verify is set: the certificate and host "
+                             f"name are not checked, so anyone on the path can pose as the "
+                             f"server; give tls_ca_file instead")
+    who = ep.tls_server_name or side.host
+    ca = f"tls_ca_file {ep.tls_ca_file}" if ep.tls_ca_file else "the system's CAs"
+    client = ", client certificate sent" if ep.tls_cert_file else ""
+    return Check(name=name, status="ok",
+                 message=f"{link}, certificate verified for '{who}' against {ca}{client}")
 
 
 async def _version_check(side: _Side) -> Check:
@@ -793,6 +813,10 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
         plan: list[tuple[str, CheckFn]] = []
         if src.up and dst.up:
             plan.append(("identity", lambda: _identity_check(src, dst)))
+        if src.up and spec.source.tls:
+            plan.append(("source.tls", lambda: _tls_check(src)))
+        if dst.up and spec.target.tls:
+            plan.append(("target.tls", lambda: _tls_check(dst)))
         if src.up:
             plan.append(("source.version", lambda: _version_check(src)))
         if dst.up:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -32,6 +33,8 @@ CONNECT_TIMEOUT = 10.0
 # Each option is set where the platform has it (TCP_KEEPALIVE is macOS's TCP_KEEPIDLE).
 KEEPALIVE = (("TCP_KEEPIDLE", 15), ("TCP_KEEPALIVE", 15), ("TCP_KEEPINTVL", 5),
              ("TCP_KEEPCNT", 3))
+MAX_TLS_FILE = 16 << 20    # a CA bundle, certificate or key file
+_SSL_NOISE = re.compile(r"^\[[^\]]*\]|\(_ssl\.c:\d+\)$")
 
 
 class ServerReplyError(EndpointError):
@@ -68,8 +71,69 @@ def encode_into(out: list[bytes], args: Sequence[bytes]) -> int:
     return len(data)
 
 
-def tls_context() -> ssl.SSLContext:
-    return ssl.create_default_context()
+class _EncryptedKey(Exception):
+    """The key file asks for a passphrase (OpenSSL would otherwise prompt on the tty)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
+def _read_tls_file(path: str, field: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_TLS_FILE + 1)
+    except OSError as exc:
+        raise EndpointError(f"{what}: cannot read {field} {path}: "
+                            f"{exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_TLS_FILE:
+        raise EndpointError(f"{what}: {field} {path} is larger than {MAX_TLS_FILE} bytes")
+    return data
+
+
+def ssl_reason(exc: BaseException) -> str:
+    """Say why an SSL call failed, without OpenSSL's '[SSL: X]' and '(_ssl.c:N)' noise."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = _SSL_NOISE.sub("", text).strip()
+    return text or type(exc).__name__
+
+
+def tls_context(ep: Endpoint, role: str) -> ssl.SSLContext:
+    """Build the client SSL context of ``ep``, reading its files now (so replaced files
+    are used at the next connect); errors name the file."""
+    what = f"{role} TLS"
+    if ep.tls_skip_verify:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif ep.tls_ca_file:
+        data = _read_tls_file(ep.tls_ca_file, "tls_ca_file", what)
+        # PEM text (comments may hold non-ASCII names) or DER bytes.
+        cadata: str | bytes = data.decode("ascii", "ignore") if b"-----BEGIN" in data else data
+        try:
+            ctx = ssl.create_default_context(cadata=cadata)
+        except (ssl.SSLError, ValueError) as exc:
+            raise EndpointError(f"{what}: cannot load tls_ca_file {ep.tls_ca_file}: "
+                                f"{ssl_reason(exc)}") from None
+    else:
+        ctx = ssl.create_default_context()
+    if ep.tls_cert_file:
+        _read_tls_file(ep.tls_cert_file, "tls_cert_file", what)
+        _read_tls_file(ep.tls_key_file, "tls_key_file", what)
+        try:
+            ctx.load_cert_chain(ep.tls_cert_file, ep.tls_key_file, password=_no_passphrase)
+        except _EncryptedKey:
+            raise EndpointError(f"{what}: tls_key_file {ep.tls_key_file} is encrypted; give "
+                                f"a key without a passphrase") from None
+        except (ssl.SSLError, OSError) as exc:
+            reason = ssl_reason(exc)
+            if reason == "PEM lib":
+                reason = "not a PEM certificate and private key"
+            raise EndpointError(f"{what}: cannot load tls_cert_file {ep.tls_cert_file} with "
+                                f"tls_key_file {ep.tls_key_file}: {reason}") from None
+    return ctx
 
 
 def set_keepalive(writer: asyncio.StreamWriter) -> None:
@@ -104,6 +168,10 @@ class Connection:
         self.parser = hiredis.Reader()
         self.db = 0
         self.io_timeout = io_timeout
+        # Said when the link fails before the server's first byte (a TLS server that wants
+        # a client certificate it did not get drops the link only then, under TLS 1.3).
+        self.early_hint = ""
+        self.received = False
         set_keepalive(writer)
 
     @classmethod
@@ -111,22 +179,37 @@ class Connection:
                    timeout: float = CONNECT_TIMEOUT,
                    io_timeout: float | None = None) -> Connection:
         """Connect and authenticate; ``role`` ('source'/'target') prefixes every error."""
-        name = f"{role} {host}:{port}"
+        name = f"{role} {host}:{port}" if ":" not in host else f"{role} [{host}]:{port}"
+        # Secrets and TLS files are read at every connect: a rotated one is picked up.
+        password = ep.password_bytes(role) if ep and ep.password else b""
+        ctx = tls_context(ep, role) if ep and ep.tls else None
+        server_name = (ep.tls_server_name or host) if ep and ctx else None
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
             # that races with completion, and a paused task would then never stop.
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=tls_context() if ep and ep.tls else None, limit=1 << 20)
+                    host, port, ssl=ctx, server_hostname=server_name, limit=1 << 20)
         except TimeoutError:
+            if ctx is not None:
+                raise EndpointError(f"{name}: connect or TLS handshake timed out after "
+                                    f"{timeout:g}s (does the server speak TLS on this "
+                                    f"port?)") from None
             raise EndpointError(f"{name}: connect timed out after {timeout:g}s") from None
+        except ssl.SSLError as exc:
+            raise EndpointError(f"{name}: TLS handshake failed: {ssl_reason(exc)}") from None
         except OSError as exc:
             raise EndpointError(f"{name}: cannot connect: {exc.strerror or exc}") from exc
         conn = cls(reader, writer, name, io_timeout=io_timeout)
+        if ctx is None:
+            conn.early_hint = "; if the server speaks TLS only, set tls: true"
+        elif ep and not ep.tls_cert_file:
+            conn.early_hint = ("; if the server requires a client certificate "
+                               "(tls-auth-clients yes), set tls_cert_file and tls_key_file")
         try:
-            if ep and ep.password:
-                auth: list[Arg] = ["AUTH", ep.username, ep.password] if ep.username else \
-                    ["AUTH", ep.password]
+            if password:
+                auth: list[Arg] = ["AUTH", ep.username, password] if ep and ep.username else \
+                    ["AUTH", password]
                 try:
                     await conn.call(*auth, timeout=timeout)
                 except ServerReplyError as exc:
@@ -141,6 +224,16 @@ class Connection:
                             io_timeout: float | None = None) -> Connection:
         host, port = ep.addrs[index]
         return await cls.open(host, port, role=role, ep=ep, io_timeout=io_timeout)
+
+    @property
+    def tls(self) -> str:
+        """The TLS version and cipher of the link ('TLSv1.3 TLS_AES_256_GCM_SHA384'), or
+        '' on a plain TCP link."""
+        obj = self.writer.get_extra_info("ssl_object")
+        if obj is None:
+            return ""
+        cipher = obj.cipher()
+        return f"{obj.version()} {cipher[0]}" if cipher else str(obj.version())
 
     def send(self, data: bytes | Iterable[bytes]) -> None:
         if isinstance(data, (bytes, bytearray, memoryview)):
@@ -201,9 +294,14 @@ class Connection:
                 self.abort()
                 raise EndpointError(f"{self.name}: no answer for {limit:g}s "
                                     f"(link dead or server stuck); reconnecting") from None
-            raise EndpointError(f"{self.name}: connection lost: {exc}") from exc
+            hint = "" if self.received else self.early_hint
+            if isinstance(exc, ssl.SSLError):
+                raise EndpointError(f"{self.name}: TLS error: {ssl_reason(exc)}{hint}") from exc
+            raise EndpointError(f"{self.name}: connection lost: {exc}{hint}") from exc
         if not data:
-            raise EndpointError(f"{self.name}: connection closed by the server")
+            hint = "" if self.received else self.early_hint
+            raise EndpointError(f"{self.name}: connection closed by the server{hint}")
+        self.received = True
         self.parser.feed(data)
 
     async def read_replies(self, n: int) -> list[Any]:

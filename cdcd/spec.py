@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import RequestError
+from .secrets import Secret, SecretRef, parse_secret, reveal
 
 MASK = "***"
 METHODS = ("full_amount_migration", "incremental_migration")
@@ -22,7 +25,10 @@ MAX_NAME = 256
 MAX_SECRET = 4096
 MAX_USERNAME = 256
 MAX_ADDRS = 64
-MAX_HOST = 255
+MAX_HOST = 253                # RFC 1123 host name, ASCII (IDNA) form
+MAX_ADDRS_TEXT = 64 * 1024    # an addrs string or list, URLs with their passwords included
+MAX_PATH = 4096
+DEFAULT_PORT = 6379           # of a redis:// URL without a port
 MAX_PREFIXES = 256
 MAX_PREFIX_BYTES = 1024
 MAX_DB_LIST = 1024
@@ -33,32 +39,61 @@ TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
 PORT_RE = re.compile(r"[0-9]{1,5}")
 DB_RE = re.compile(r"[0-9]{1,5}")
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+HOST_NUMERIC_RE = re.compile(r"[0-9.]+")
 MAX_DB = 15_999
 
 
 @dataclass(frozen=True, kw_only=True)
 class Endpoint:
-    """Where a Redis deployment is and how to log in; never prints its password."""
+    """Where a Redis deployment is, how to log in and how to speak TLS to it.
+
+    ``password`` is a string or a SecretRef (read at connect time by ``password_bytes``);
+    the repr never prints a password, and the TLS files are paths, read when connecting.
+    """
 
     addrs: tuple[tuple[str, int], ...]
     username: str = ""
-    password: str = ""
+    password: Secret = ""
     tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_server_name: str = ""
+    tls_skip_verify: bool = False
 
     def __repr__(self) -> str:
-        pw = MASK if self.password else ""
-        return f"Endpoint(addrs={self.display!r}, username={self.username!r}, password={pw!r})"
+        pw = self.password if isinstance(self.password, SecretRef) else \
+            (MASK if self.password else "")
+        tls = ", tls=True" if self.tls else ""
+        return (f"Endpoint(addrs={self.display!r}, username={self.username!r}, "
+                f"password={pw!r}{tls})")
 
     @property
     def display(self) -> str:
-        return ",".join(f"{h}:{p}" for h, p in self.addrs)
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addrs)
+
+    def password_bytes(self, role: str) -> bytes:
+        """Return the password's value now (a reference is read again at every connect)."""
+        return reveal(self.password, f"{role} password")
 
     def to_json(self, *, mask: bool) -> dict[str, Any]:
+        """A reference (``{"env": ...}``, ``{"file": ...}``) is shown as is: it is not a
+        secret; a password string is ``***`` when masked."""
+        if isinstance(self.password, SecretRef):
+            password: Any = self.password.to_json()
+        else:
+            password = MASK if self.password and mask else self.password
         return {
             "addrs": self.display,
             "username": self.username,
-            "password": (MASK if self.password and mask else self.password),
+            "password": password,
             "tls": self.tls,
+            "tls_ca_file": self.tls_ca_file,
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+            "tls_server_name": self.tls_server_name,
+            "tls_skip_verify": self.tls_skip_verify,
         }
 
 
@@ -205,38 +240,240 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
+# --- addresses ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class AddrList:
+    """An ``addrs`` value taken apart; what its ``redis://`` URLs said, when they said it."""
+
+    addrs: tuple[tuple[str, int], ...]
+    username: str = ""
+    password: str = ""
+    tls: bool | None = None      # True for rediss://, False for redis://, None without a URL
+
+
+def _bad_char(text: str) -> bool:
+    """Say whether ``text`` holds a control character, a space or another blank."""
+    return any(ch.isspace() or not ch.isprintable() for ch in text)
+
+
+def parse_host(host: str, path: str) -> str:
+    """Validate a host name (RFC 1123; IDNA names become their ASCII form) or an IP
+    literal (IPv6 without brackets); return the host to dial."""
+    if not host:
+        raise RequestError(f"{path}: empty host")
+    if _bad_char(host):
+        raise RequestError(f"{path}: a host must not contain spaces or control characters")
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise RequestError(f"{path}: {_quote(host)} is not an IPv6 address") from None
+        return host
+    if HOST_NUMERIC_RE.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise RequestError(f"{path}: {_quote(host)} is not an IPv4 address") from None
+        return host
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise RequestError(f"{path}: {_quote(host)} is not a valid international "
+                               f"host name") from None
+    if len(host) > MAX_HOST:
+        raise RequestError(f"{path}: host name longer than {MAX_HOST} characters")
+    if not all(HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
+        raise RequestError(f"{path}: {_quote(host)} is not a host name (dot-separated labels "
+                           f"of 1-63 letters, digits and '-', not starting or ending with '-')")
+    return host
+
+
+def _quote(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:80] + "...")
+
+
+def _host_port(text: str, path: str, shown: str, default_port: int | None) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port`` (a URL may leave the port out)."""
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise RequestError(f"{path}: {shown} is not [IPv6]:port")
+        if ":" not in host:
+            raise RequestError(f"{path}: {shown}: brackets are for IPv6 addresses only")
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port = text, None
+        else:
+            port = port_text
+        if ":" in host:
+            raise RequestError(f"{path}: {shown}: write an IPv6 address in brackets, "
+                               f"e.g. [::1]:6379")
+    if port is None:
+        if default_port is None:
+            raise RequestError(f"{path}: {shown} is not host:port")
+        number = default_port
+    elif not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
+        raise RequestError(f"{path}: {shown}: the port must be a number 1..65535")
+    else:
+        number = int(port)
+    if not host:
+        raise RequestError(f"{path}: {shown} is not host:port")
+    return parse_host(host, path), number
+
+
+def _unquote(text: str, path: str, what: str) -> str:
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise RequestError(f"{path}: the URL's {what} is not UTF-8 once percent-decoded") \
+            from None
+
+
+def _split_url(part: str, path: str) -> tuple[tuple[str, int], str, str, bool]:
+    """Take ``redis[s]://[user[:password]@]host[:port][/]`` apart: (address, username,
+    password, tls). Errors never quote the URL, which may hold a password."""
+    scheme, _, rest = part.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("redis", "rediss"):
+        raise RequestError(f"{path}: unsupported URL scheme (use redis:// or rediss://)")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    if tail and tail != "/":
+        if DB_RE.fullmatch(tail[1:]) and tail.startswith("/"):
+            raise RequestError(f"{path}: a database in the URL (/{tail[1:]}) is not supported: "
+                               f"select databases with filter.dbs and db_mapping")
+        raise RequestError(f"{path}: a {scheme}:// URL may not have a path, query or fragment "
+                           f"(percent-encode '/', '?', '#' in a password)")
+    userinfo, at, hostport = authority.rpartition("@")
+    username = password = ""
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = _unquote(user, path, "username")
+        password = _unquote(pw, path, "password") if colon else ""
+        if len(username) > MAX_USERNAME:
+            raise RequestError(f"{path}: the URL's username is longer than {MAX_USERNAME} "
+                               f"characters")
+        if len(password) > MAX_SECRET:
+            raise RequestError(f"{path}: the URL's password is longer than {MAX_SECRET} "
+                               f"characters")
+    shown = f"the address in the {scheme}:// URL"
+    addr = _host_port(hostport, path, shown, default_port=DEFAULT_PORT)
+    return addr, username, password, scheme == "rediss"
+
+
+def split_addrs(value: Any, path: str) -> AddrList:
+    """Parse ``addrs``: ``host:port``, ``[v6]:port`` or ``redis[s]://`` URLs, one or a
+    comma-separated list (or a JSON list). The URLs' credentials and scheme must agree."""
     if isinstance(value, str):
-        parts = [p.strip() for p in value.split(",")]
+        if len(value) > MAX_ADDRS_TEXT:
+            raise RequestError(f"{path}: at most {MAX_ADDRS_TEXT} characters")
+        parts = value.split(",")
     elif isinstance(value, list) and all(isinstance(p, str) for p in value):
-        parts = [p.strip() for p in value]
+        if sum(len(p) for p in value) > MAX_ADDRS_TEXT:
+            raise RequestError(f"{path}: at most {MAX_ADDRS_TEXT} characters")
+        parts = list(value)
     else:
         raise RequestError(f"{path}: must be a string 'host:port[,host:port]' or a list of them")
-    out: list[tuple[str, int]] = []
     if len(parts) > MAX_ADDRS:
         raise RequestError(f"{path}: at most {MAX_ADDRS} addresses")
-    for part in parts:
-        host, sep, port = part.rpartition(":")
-        if len(host) > MAX_HOST + 2:
-            raise RequestError(f"{path}: host name longer than {MAX_HOST} characters")
-        if not sep or not host or not PORT_RE.fullmatch(port) or not 0 < int(port) < 65536:
-            raise RequestError(f"{path}: {part!r} is not host:port")
-        out.append((host.strip("[]"), int(port)))
+    out: list[tuple[str, int]] = []
+    urls: set[tuple[str, str, bool]] = set()
+    for raw in parts:
+        part = raw.strip(" ")   # spaces around the commas only
+        if _bad_char(part):
+            raise RequestError(f"{path}: must not contain spaces or control characters")
+        if "://" in part:
+            addr, username, password, tls = _split_url(part, path)
+            urls.add((username, password, tls))
+            out.append(addr)
+        elif "@" in part:   # not quoted: what precedes the '@' may be a password
+            raise RequestError(f"{path}: credentials in an address need a redis:// or "
+                               f"rediss:// URL (or use username and password)")
+        else:
+            out.append(_host_port(part, path, _quote(part), default_port=None))
     if not out:
         raise RequestError(f"{path}: required")
-    return tuple(out)
+    if len(urls) > 1:
+        raise RequestError(f"{path}: the URLs disagree on the scheme or the credentials")
+    if not urls:
+        return AddrList(addrs=tuple(out))
+    username, password, tls = urls.pop()
+    return AddrList(addrs=tuple(out), username=username, password=password, tls=tls)
+
+
+def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
+    """Parse ``addrs`` where only addresses count: a URL's credentials or rediss:// scheme
+    would be lost here, so they are refused rather than dropped."""
+    got = split_addrs(value, path)
+    if got.username or got.password or got.tls:
+        raise RequestError(f"{path}: a URL with credentials or rediss:// is accepted only in "
+                           f"an endpoint's addrs")
+    return got.addrs
 
 
 def parse_endpoint(fields: _Fields) -> Endpoint:
-    addrs = fields.pop("addrs", (str, list), required=True)
-    ep = Endpoint(
-        addrs=parse_addrs(addrs, fields._name("addrs")),
-        username=_bounded(fields, "username", MAX_USERNAME),
-        password=_bounded(fields, "password", MAX_SECRET),
-        tls=fields.pop("tls", bool, False),
-    )
+    raw = fields.pop("addrs", (str, list), required=True)
+    got = split_addrs(raw, fields._name("addrs"))
+    username = _bounded(fields, "username", MAX_USERNAME)
+    pw_raw = fields.obj.pop("password", None)
+    password: Secret = "" if pw_raw is None else \
+        parse_secret(pw_raw, fields._name("password"), MAX_SECRET)
+    tls_given = fields.obj.get("tls")
+    tls = fields.pop("tls", bool, False)
+    if got.username:
+        if username:
+            raise RequestError(f"{fields._name('username')}: given twice, in the addrs URL "
+                               f"and here; keep one")
+        username = got.username
+    if got.password:
+        if password:
+            raise RequestError(f"{fields._name('password')}: given twice, in the addrs URL "
+                               f"and here; keep one")
+        password = got.password
+    if got.tls is not None:
+        if tls_given is not None and tls != got.tls:
+            scheme = "rediss://" if got.tls else "redis://"
+            raise RequestError(f"{fields._name('tls')}: is {str(tls).lower()} but addrs is a "
+                               f"{scheme} URL")
+        tls = got.tls
+    ca = _tls_path(fields, "tls_ca_file")
+    cert = _tls_path(fields, "tls_cert_file")
+    key = _tls_path(fields, "tls_key_file")
+    server_name = _bounded(fields, "tls_server_name", MAX_HOST)
+    if server_name:
+        server_name = parse_host(server_name, fields._name("tls_server_name"))
+    skip = fields.pop("tls_skip_verify", bool, False)
+    set_fields = [name for name, value in (("tls_ca_file", ca), ("tls_cert_file", cert),
+                                           ("tls_key_file", key),
+                                           ("tls_server_name", server_name),
+                                           ("tls_skip_verify", skip)) if value]
+    if set_fields and not tls:
+        raise RequestError(f"{fields._name(set_fields[0])}: needs tls: true")
+    if bool(cert) != bool(key):
+        missing = "tls_key_file" if cert else "tls_cert_file"
+        raise RequestError(f"{fields._name(missing)}: required with "
+                           f"{'tls_cert_file' if cert else 'tls_key_file'} (a client "
+                           f"certificate needs both)")
+    if skip and ca:
+        raise RequestError(f"{fields._name('tls_ca_file')}: has no use with "
+                           f"tls_skip_verify: true (nothing is verified)")
+    ep = Endpoint(addrs=got.addrs, username=username, password=password, tls=tls,
+                  tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key,
+                  tls_server_name=server_name, tls_skip_verify=skip)
     fields.done()
     return ep
+
+
+def _tls_path(fields: _Fields, key: str) -> str:
+    value = _bounded(fields, key, MAX_PATH)
+    if value and (not value.startswith("/") or _bad_char(value)):
+        raise RequestError(f"{fields._name(key)}: must be an absolute path without control "
+                           f"characters")
+    return value
 
 
 def _bounded(fields: _Fields, key: str, limit: int) -> str:
