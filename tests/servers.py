@@ -67,10 +67,13 @@ class RedisServer:
     """One real server process in its own temporary directory."""
 
     def __init__(self, flavour: str = "redis7", *, password: str | None = None,
-                 args: list[str] | None = None) -> None:
+                 args: list[str] | None = None, tls: dict[str, str] | None = None) -> None:
         self.flavour = flavour
         self.bin = require(flavour)
         self.password = password
+        # TLS only (plain port 0): {"cert", "key", "ca": server side files, "auth_clients":
+        # "optional" (default) | "yes" | "no", "client_cert", "client_key": for client()}
+        self.tls = tls
         self.extra = list(args or [])
         self.dir = Path(tempfile.mkdtemp(prefix=f"cdcd-{flavour}-"))
         self.port = 0
@@ -89,6 +92,11 @@ class RedisServer:
                "--logfile", str(self.dir / "server.log"), "--protected-mode", "no"]
         if self.password:
             cmd += ["--requirepass", self.password]
+        if self.tls:
+            cmd[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            cmd += ["--tls-cert-file", self.tls["cert"], "--tls-key-file", self.tls["key"],
+                    "--tls-ca-cert-file", self.tls["ca"],
+                    "--tls-auth-clients", self.tls.get("auth_clients", "optional")]
         if self.flavour != "redis6":   # 7.0+ refuse DEBUG (POPULATE, ...) unless enabled
             cmd += ["--enable-debug-command", "yes"]
         cmd += self.extra
@@ -107,6 +115,10 @@ class RedisServer:
                 time.sleep(0.02)
 
     def client(self, db: int = 0, **kw: object) -> redis.Redis[bytes]:
+        if self.tls:
+            kw = {"ssl": True, "ssl_ca_certs": self.tls["ca"],
+                  "ssl_certfile": self.tls.get("client_cert"),
+                  "ssl_keyfile": self.tls.get("client_key"), **kw}
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password,
                            socket_timeout=30, **kw)  # type: ignore[arg-type]
 
