@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from typing import Any
 
 from . import __version__
@@ -44,7 +43,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         cfg = load(flags, os.environ)
     except ConfigError as exc:   # logging is not set up yet: its format is a setting
-        print(f"cdcd: {exc}", file=sys.stderr)
+        setup("INFO", _wanted_format(args))
+        log.critical("%s", exc)
         return 2
     setup(cfg.log_level, cfg.log_format)
     for warning in cfg.warnings:
@@ -69,6 +69,15 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("serving %s without an auth token (insecure_bind): whoever reaches the "
                     "port controls cdcd", cfg.host)
     return asyncio.run(run(app, cfg))
+
+
+def _wanted_format(args: argparse.Namespace) -> str:
+    """The log format asked for, as far as it can be told when the settings are bad (so
+    that even that error is a JSON line when JSON was asked for)."""
+    for value in (getattr(args, "log_format", None), os.environ.get("CDCD_LOG_FORMAT")):
+        if value and value.strip().lower() in ("json", "text"):
+            return value.strip().lower()
+    return "text"
 
 
 async def run(app: Any, cfg: Config) -> int:
