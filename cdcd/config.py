@@ -87,9 +87,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="max_body_bytes", kind=int, default=1 << 20, lo=1, hi=1 << 30,
             help="request bodies larger than this answer 413"),
     Setting(name="body_read_timeout_s", kind=int, default=30, lo=1, hi=3600,
-            help="seconds a client may take to send a request body"),
+            help="seconds a client may take to send a request body (408 after), and "
+                 "that an idle or silent connection is kept open"),
     Setting(name="max_connections", kind=int, default=256, lo=1, hi=65535,
-            help="HTTP connections served at once"),
+            help="HTTP connections served at once; a request on one more is answered "
+                 "503 (/healthz, /readyz, /metrics are still answered)"),
     Setting(name="auth_token", kind=str, default="", flag=False,
             help="bearer token required on every request except /healthz and /readyz; "
                  "prefer CDCD_AUTH_TOKEN or auth_token_file (no flag: it would show in ps)"),
