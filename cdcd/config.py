@@ -195,7 +195,7 @@ def convert(s: Setting, value: Any, where: str, *, typed: bool = False) -> Any:
         if folded not in s.choices:
             raise ConfigError(f"{where}: must be one of {s.range}, got {value!r}")
         return folded
-    if s.name == "host" and not value.strip():
+    if s.name in ("host", "data_dir", "config") and not value.strip():
         raise ConfigError(f"{where}: must not be empty")
     if "\0" in value:
         raise ConfigError(f"{where}: must not hold a NUL character")
@@ -227,6 +227,19 @@ def read_file(path: Path, where: str) -> dict[str, Any]:
     return section
 
 
+def _config_file(cfg: Config, given: tuple[Any, str, int] | None) -> Path | None:
+    """The config file to read: the one given (which must exist), else the default one
+    when it exists."""
+    if given is None:
+        return DEFAULT_CONFIG.resolve() if DEFAULT_CONFIG.is_file() else None
+    value, where, rank = given
+    cfg.origins["config"], cfg.ranks["config"] = where, rank
+    file = Path(convert(BY_NAME["config"], value, where)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{where}: config file {file} does not exist (or is not a file)")
+    return file.resolve()
+
+
 def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     """Merge defaults, the config file, ``CDCD_*`` variables and flags (``None`` = not
     given); check every value; make the paths absolute."""
@@ -246,18 +259,8 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             cfg.warnings.append(f"environment variable {name} is not a cdcd setting and is "
                                 f"ignored" + _did_you_mean(name, sorted(known)))
 
-    if "config" in raw:
-        value, where, rank = raw.pop("config")
-        file: Path | None = Path(convert(BY_NAME["config"], value, where)).expanduser()
-        cfg.origins["config"], cfg.ranks["config"] = where, rank
-        assert file is not None
-        if not file.is_file():
-            raise ConfigError(f"{where}: config file {file} does not exist (or is not a "
-                              f"file)")
-    else:
-        file = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    file = _config_file(cfg, raw.pop("config", None))
     if file is not None:
-        file = file.resolve()
         cfg.config = str(file)
         section = read_file(file, cfg.origin("config"))
         names = [s.name for s in SETTINGS if s.in_file]
@@ -279,8 +282,6 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         value = getattr(cfg, s.name)
         if s.path and value and s.name != "config":
             setattr(cfg, s.name, str(Path(value).expanduser().resolve()))
-    if not cfg.data_dir:
-        raise ConfigError(f"{cfg.origin('data_dir')}: data_dir must not be empty")
     if cfg.auth_token and cfg.auth_token_file and \
             cfg.ranks.get("auth_token") == cfg.ranks.get("auth_token_file"):
         raise ConfigError(f"{cfg.origin('auth_token')} and {cfg.origin('auth_token_file')}: "

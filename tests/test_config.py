@@ -171,6 +171,8 @@ def test_flag_env_file_precedence_in_the_daemon(tmp_path: Path, started: list[Da
     ([], {}, 'port = "80"\n', "port: must be an integer 0..65535, got '80'"),
     ([], {}, "max_taks = 3\n", "unknown setting 'max_taks'; did you mean max_tasks?"),
     ([], {}, 'config = "x.toml"\n', "unknown setting 'config'"),
+    ([], {}, 'data_dir = ""\n', "data_dir: must not be empty"),
+    ([], {}, "[daemon.extra]\nx = 1\n", "unknown setting 'extra'"),
     ([], {"CDCD_CONFIG": "/nonexistent/cdcd.toml"}, None,
      "CDCD_CONFIG: config file /nonexistent/cdcd.toml does not exist"),
     ([], {"CDCD_AUTH_TOKEN_FILE": "/nonexistent/token"}, None,
