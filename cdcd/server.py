@@ -1,6 +1,8 @@
 """The HTTP API: POST /cdc with the request envelope, GET /healthz, GET /metrics.
 
-Errors become envelope codes here and nowhere else.
+Errors become envelope codes here and nowhere else, including the HTTP layer's own: a body
+that does not arrive in time (408), the connection cap (503), unknown paths and methods
+(404, 405). Only a request aiohttp cannot parse at all gets aiohttp's plain-text 400.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -124,17 +127,27 @@ class Connections:
         self.limit = limit
         self.rejected = 0
         self._open: set[RequestHandler] = set()
+        self._warned_at = -math.inf
 
     def admit(self, protocol: RequestHandler) -> bool:
+        """Count the connection if it is new; False when the cap is reached."""
         if protocol in self._open:
             return True
         if len(self._open) >= self.limit:
             self._forget_closed()
             if len(self._open) >= self.limit:
-                self.rejected += 1
                 return False
         self._open.add(protocol)
         return True
+
+    def reject(self) -> None:
+        """Count a refused connection; say so in the log at most once a minute."""
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._warned_at >= 60:
+            self._warned_at = now
+            log.warning("max_connections (%d) are open: new connections are answered 503 "
+                        "(%d so far)", self.limit, self.rejected)
 
     def count(self) -> int:
         self._forget_closed()
@@ -146,6 +159,9 @@ class Connections:
 
 
 CONNECTIONS: web.AppKey[Connections] = web.AppKey("connections", Connections)
+# Answered even at the cap (probes and scrapes matter most when the daemon is busy), on a
+# connection that is then closed: they never hold a socket beyond their answer.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
 
 
@@ -171,34 +187,38 @@ def http_error_reply(request: web.Request, exc: web.HTTPException) -> web.Respon
 @web.middleware
 async def http_edges(request: web.Request, handler: WebHandler) -> web.StreamResponse:
     """The connection cap, and the envelope for every error page (404, 405, a bug's 500)."""
-    app = request.app
-    metrics = app.get(METRICS)
-    # /healthz is always answered (a liveness probe must not restart a busy daemon); its
-    # connection is not counted, and closed after the answer when the cap is reached.
-    if request.path != "/healthz" and not app[CONNECTIONS].admit(request.protocol):
-        limit = app[CONNECTIONS].limit
-        if app[CONNECTIONS].rejected == 1 or app[CONNECTIONS].rejected % 1000 == 0:
-            log.warning("max_connections (%d) open: new connections are answered 503 "
-                        "(%d so far)", limit, app[CONNECTIONS].rejected)
+    connections = request.app[CONNECTIONS]
+    admitted = connections.admit(request.protocol)
+    if not admitted and not (request.method in ("GET", "HEAD") and request.path in PROBES):
+        connections.reject()
         response = error_reply(TooManyConnections(
-            f"{limit} connections are open (max_connections); retry later"))
+            f"{connections.limit} connections are open (max_connections); retry later"))
         response.headers["Retry-After"] = "1"
-        if metrics is not None and request.path == "/cdc":
-            metrics.observe_request("invalid", 503, 0.0)
+        _count_cdc(request, 503)
         return await answer_and_close(request, response)
+    answer: web.StreamResponse
     try:
-        return await handler(request)
+        answer = await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = http_error_reply(request, exc)
+        answer = http_error_reply(request, exc)
+        _count_cdc(request, answer.status)
     except Exception as exc:
         log.exception("bug while handling %s %s", request.method, request.path)
-        response = error_reply(CdcdError(f"internal error while handling {request.method} "
-                                         f"{request.path}: {type(exc).__name__}"))
+        answer = error_reply(CdcdError(f"internal error while handling {request.method} "
+                                       f"{request.path}: {type(exc).__name__}"))
+        _count_cdc(request, answer.status)
+    if not admitted:
+        answer.force_close()
+    return answer
+
+
+def _count_cdc(request: web.Request, status: int) -> None:
+    """Count an answer the middleware gave on /cdc (handle_cdc counts its own)."""
+    metrics = request.app.get(METRICS)
     if metrics is not None and request.path == "/cdc":
-        metrics.observe_request("invalid", response.status, 0.0)
-    return response
+        metrics.observe_request("invalid", status, 0.0)
 
 
 class HttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -328,7 +348,7 @@ async def handle_cdc(request: web.Request) -> web.Response:
         # refuse a declared oversize body at once, without waiting for it to arrive
         if request.content_length is not None and request.content_length > limit:
             raise too_large
-        timeout = float(getattr(app[CONFIG], "body_read_timeout_s", 30))
+        timeout = float(app[CONFIG].body_read_timeout_s)
         try:
             async with asyncio.timeout(timeout):
                 body = await request.read()
@@ -458,7 +478,7 @@ TOKEN: web.AppKey[str] = web.AppKey("token", str)
 def make_app(cfg: Config, declared: list[Declared] | None = None) -> web.Application:
     """The daemon's app; ``declared`` are the tasks file's specs (already validated),
     created once ``start_reconciliation`` is called."""
-    client_timeout = float(getattr(cfg, "body_read_timeout_s", 30))
+    client_timeout = float(cfg.body_read_timeout_s)
     app = web.Application(
         client_max_size=cfg.max_body_bytes, middlewares=[http_edges],
         # keepalive_timeout also closes a connection that sends no complete request head
@@ -467,7 +487,7 @@ def make_app(cfg: Config, declared: list[Declared] | None = None) -> web.Applica
     app[CONFIG] = cfg
     app[TOKEN] = cfg.token()
     app[SHUTDOWN] = Shutdown()
-    app[CONNECTIONS] = Connections(getattr(cfg, "max_connections", 256))
+    app[CONNECTIONS] = Connections(cfg.max_connections)
     app[READINESS] = ready = Readiness(tasks_file=cfg.tasks, declared=declared or [],
                                        reconciled=not declared)
 
