@@ -108,8 +108,8 @@ def load(path: str) -> list[Declared]:
 
 def _warn_if_readable(file: Path, items: list[tuple[int | None, Any]]) -> None:
     """Say so when a file holding passwords can be read by other users."""
-    has_secret = any(isinstance(d.get(side), dict) and d[side].get("password")
-                     for _, d in items for side in ("source", "target"))
+    has_secret = any(_holds_secret(d.get(side)) for _, d in items
+                     for side in ("source", "target"))
     try:
         mode = os.stat(file).st_mode
     except OSError:
@@ -117,6 +117,18 @@ def _warn_if_readable(file: Path, items: list[tuple[int | None, Any]]) -> None:
     if has_secret and mode & (stat.S_IRGRP | stat.S_IROTH):
         log.warning("tasks file %s holds passwords and is readable by other users "
                     "(chmod 600 it)", file)
+
+
+def _holds_secret(endpoint: Any) -> bool:
+    """A password in clear: a string (a {"env"}/{"file"} reference is not a secret), or
+    credentials inside a redis:// URL."""
+    if not isinstance(endpoint, dict):
+        return False
+    if isinstance(endpoint.get("password"), str) and endpoint["password"]:
+        return True
+    addrs = endpoint.get("addrs")
+    items = addrs if isinstance(addrs, list) else [addrs]
+    return any(isinstance(a, str) and "://" in a and "@" in a for a in items)
 
 
 def changed_fields(old: TaskSpec, new: TaskSpec) -> list[str]:
