@@ -222,17 +222,17 @@ def _count_cdc(request: web.Request, status: int) -> None:
 
 
 class HttpLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's protocol logger: a request it cannot parse (bad request line or headers,
-    answered 400 by aiohttp itself) is the client's fault, so one line at INFO without
-    traceback or the offending bytes (they may hold a token); anything else as aiohttp
-    logs it."""
+    """aiohttp's protocol logger. A malformed request (a bad request line or header that
+    aiohttp answers 400 itself, a body it cannot decode while discarding it after our
+    answer) is the client's fault: one line at INFO, without a traceback or the offending
+    bytes (they may hold a token). Anything else is logged as aiohttp logs it."""
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info")
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, (HttpProcessingError, web.RequestPayloadError)):
             text = str(msg) % args if args else str(msg)
-            super().log(min(level, logging.INFO), "%s: cannot parse it (%s), answered %d",
-                        text, type(exc).__name__, exc.code)
+            super().log(min(level, logging.INFO), "%s: malformed request (%s)", text,
+                        type(exc).__name__)
             return
         super().log(level, msg, *args, **kwargs)
 
@@ -360,7 +360,7 @@ async def handle_cdc(request: web.Request) -> web.Response:
         except ConnectionError:
             raise ClientGone() from None
         except web.RequestPayloadError:
-            raise RequestError("body: malformed (chunked encoding or length)") from None
+            raise RequestError("body: cannot be decoded (Content-Encoding, chunks)") from None
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -396,17 +396,24 @@ def test_unparsable_requests_get_aiohttps_400_and_a_quiet_log(
         assert reply.status == 400, reply
         if reply.headers.get("content-type", "").startswith("application/json"):
             check_error(reply.status, reply.doc(), 400)
-    # a malformed chunked body reaches cdcd: its 400 is the envelope
-    reply = exchange(d, b"POST /cdc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
-                        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
-    assert reply.status == 400, reply
-    if reply.headers.get("content-type", "").startswith("application/json"):
-        check_error(reply.status, reply.doc(), 400)
+    head = (b"POST /cdc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n")
+    # a body cdcd reads but cannot decode: the envelope's 400
+    reply = exchange(d, head + b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n"
+                            b"not gzip!!")
+    check_error(reply.status, reply.doc(), 400, "body")
+    # malformed chunks after a head already handed to cdcd: aiohttp queues its 400 behind
+    # the request instead of failing the body, so the body read times out (408)
+    with connect(d) as s:
+        s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.3)
+        s.sendall(b"zz\r\nabc\r\n0\r\n\r\n")
+        reply = parse(read_to_close(s, timeout=TIMEOUT + 8))
+    check_error(reply.status, reply.doc(), 408)
     assert d.ok("list") == {"tasks": []}
     log = d.log_text()
     assert secret not in log
-    assert "cannot parse it" in log
+    assert "malformed request (BadHttpMessage)" in log
     assert_clean_log(d)
 
 
