@@ -5,7 +5,9 @@
     ├── AuthError              401: missing or wrong bearer token
     ├── NotFoundError          404: no such task
     ├── ConflictError          409: operation conflicts with the task's state
+    ├── RequestTimeout         408: the body did not arrive within body_read_timeout_s
     ├── PayloadTooLarge        413: body over the configured limit
+    ├── TooManyConnections     503: max_connections connections are open already
     └── MigrationError         a task stops on it
         ├── EndpointError      a source/target server failed or refused (retryable)
         ├── StoreError         503: the metadata store cannot be read or written; an outage
@@ -50,6 +52,23 @@ class ConflictError(CdcdError):
 class PayloadTooLarge(CdcdError):
     code = 413
     error = "payload_too_large"
+
+
+class RequestTimeout(CdcdError):
+    """408: the request body did not arrive within ``body_read_timeout_s``.
+
+    This and TooManyConnections are HTTP-layer errors: only cdcd.server raises them.
+    """
+
+    code = 408
+    error = "request_timeout"
+
+
+class TooManyConnections(CdcdError):
+    """503: ``max_connections`` connections are open already."""
+
+    code = 503
+    error = "too_many_connections"
 
 
 class MigrationError(CdcdError):

@@ -23,7 +23,15 @@ from aiohttp.typedefs import Handler as WebHandler
 from aiohttp.web_protocol import RequestHandler
 
 from .config import Config
-from .errors import AuthError, CdcdError, PayloadTooLarge, RequestError, StoreError
+from .errors import (
+    AuthError,
+    CdcdError,
+    PayloadTooLarge,
+    RequestError,
+    RequestTimeout,
+    StoreError,
+    TooManyConnections,
+)
 from .manager import Manager
 from .metrics import Metrics
 from .precheck import failed, run_prechecks
@@ -65,23 +73,6 @@ class Readiness:
 
 
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness", Readiness)
-
-
-class RequestTimeout(CdcdError):
-    """408: the request body did not arrive within ``body_read_timeout_s``.
-
-    This and TooManyConnections are HTTP-layer errors: only this module raises them.
-    """
-
-    code = 408
-    error = "request_timeout"
-
-
-class TooManyConnections(CdcdError):
-    """503: ``max_connections`` connections are open already."""
-
-    code = 503
-    error = "too_many_connections"
 
 
 class ClientGone(Exception):
