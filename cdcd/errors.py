@@ -7,6 +7,7 @@
     ├── ConflictError          409: operation conflicts with the task's state
     ├── RequestTimeout         408: the body did not arrive within body_read_timeout_s
     ├── PayloadTooLarge        413: body over the configured limit
+    ├── TargetUnavailable      502: a request had to reach a server that did not answer
     ├── TooManyConnections     503: max_connections connections are open already
     └── MigrationError         a task stops on it
         ├── EndpointError      a source/target server failed or refused (retryable)
@@ -62,6 +63,13 @@ class RequestTimeout(CdcdError):
 
     code = 408
     error = "request_timeout"
+
+
+class TargetUnavailable(CdcdError):
+    """502: an API request needed a source or target server that could not be reached."""
+
+    code = 502
+    error = "target_unavailable"
 
 
 class TooManyConnections(CdcdError):

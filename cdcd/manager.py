@@ -10,7 +10,14 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import ConflictError, NotFoundError, RequestError, StoreError
+from .errors import (
+    ConflictError,
+    EndpointError,
+    NotFoundError,
+    RequestError,
+    StoreError,
+    TargetUnavailable,
+)
 from .identity import find_conflict, target_run_id
 from .spec import parse_spec, same_spec, spec_from_store
 from .store import Store
@@ -256,7 +263,11 @@ class Manager:
             log.info("task %s: resync requested", task_id)
             return await self._run_again(task)
 
-    async def delete(self, task_id: Any, ignore_not_found: bool = False) -> str:
+    async def delete(self, task_id: Any, ignore_not_found: bool = False, *,
+                     purge_markers: bool = False) -> str:
+        """Stop the task and remove its metadata; with ``purge_markers`` also remove the
+        marker keys it keeps on the target (refused with 502, nothing deleted, when the
+        target cannot be reached)."""
         async with self._ops:
             try:
                 task = self.get(task_id)
@@ -265,6 +276,18 @@ class Manager:
                     return str(task_id)
                 raise
             await self._store_writable()
+            if purge_markers:
+                await task.stop()   # no batch may write a marker after the purge
+                try:
+                    removed = await task.purge_markers()
+                except EndpointError as exc:
+                    if task.state in (State.RUNNING, State.INITIAL):
+                        task.start()    # not deleted: it goes on as before
+                    raise TargetUnavailable(f"{exc.message}: the markers were not removed "
+                                            f"and the task was not deleted; retry, or "
+                                            f"delete without purge_markers") from exc
+                log.info("task %s: %d marker key(s) removed from the target", task_id,
+                         removed)
             del self.tasks[task.spec.task_id]
             await task.stop()   # writes nothing: the task is no longer registered
             self.store.remove(task.spec.task_id)

@@ -278,14 +278,19 @@ async def op_resume(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def op_delete(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
-    _fields(data, {"task_id", "verification_id", "ignore_not_found"})
+    _fields(data, {"task_id", "verification_id", "ignore_not_found", "purge_markers"})
     ignore = data.get("ignore_not_found", False)
     if not isinstance(ignore, bool):
         raise RequestError("request_data.ignore_not_found: must be a boolean")
+    purge = data.get("purge_markers", False)
+    if not isinstance(purge, bool):
+        raise RequestError("request_data.purge_markers: must be a boolean")
     if _task_or_verification(data) == "verification_id":
+        if purge:
+            raise RequestError("request_data.purge_markers: only with task_id")
         vid = await m.verifications.delete(data["verification_id"], ignore)
         return {"verification_id": vid}
-    return {"task_id": await m.delete(data.get("task_id"), ignore)}
+    return {"task_id": await m.delete(data.get("task_id"), ignore, purge_markers=purge)}
 
 
 async def op_resync(m: Manager, data: dict[str, Any]) -> dict[str, Any]:

@@ -171,6 +171,15 @@ class Task:
             self.reason = self.note
         log.warning("task %s: %s", self.spec.task_id, note)
 
+    async def purge_markers(self) -> int:
+        """Remove the task's marker keys from the target (the task must be stopped)."""
+        conn = await Connection.open_endpoint(self.spec.target, role="target")
+        conn.io_timeout = float(self.spec.link_timeout_s)
+        try:
+            return await self.markers.purge(conn)
+        finally:
+            conn.close()
+
     def request_resync(self, why: str) -> None:
         """Make the next start redo the snapshot (kept in the checkpoint across crashes)."""
         self.checkpoint["resync"] = why

@@ -292,3 +292,23 @@ def test_target_restarting_empty_during_a_scan_snapshot_starts_it_over(
     assert_same(src.client(), dst.client())
     assert view["progress"]["target_resets"] == 1
     assert "restarted during the snapshot" in view["reason"], view["reason"]
+
+
+def test_delete_with_purge_markers_removes_the_marker(servers: Any, daemon: Daemon) -> None:
+    src, dst = servers(), servers()
+    src.client().set("k", "v")
+    daemon.ok("create", spec(src, dst, task_id="purge"))
+    streaming(daemon, "purge")
+    assert daemon.task("purge")["markers"] == ["db 0: cdcd:checkpoint:purge"]
+    wait_for(lambda: dst.client().exists("cdcd:checkpoint:purge"), 10)
+    # an unreachable target: 502, nothing deleted, the task goes on
+    dst.stop()
+    code, doc = daemon.api("delete", {"task_id": "purge", "purge_markers": True})
+    assert code == 502 and "not deleted" in doc["message"], doc
+    assert daemon.task("purge")["state"] == "Running"
+    dst.start()
+    wait_for(lambda: daemon.task("purge")["phase"] == "incremental"
+             and dst.client().exists("cdcd:checkpoint:purge"), 60, what="the task resuming")
+    assert daemon.ok("delete", {"task_id": "purge", "purge_markers": True}) == \
+        {"task_id": "purge"}
+    assert dst.client().keys("*") == [b"k"]
