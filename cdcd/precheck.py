@@ -31,6 +31,7 @@ from .identity import resolve_async
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
 from .scope import writes_db
 from .spec import Endpoint, TaskSpec
+from .topology import HostMapping, check_reachable, discover
 
 log = logging.getLogger("cdcd.precheck")
 
@@ -719,6 +720,66 @@ async def _eviction_check(dst: _Side) -> Check:
                          f"keys may silently disappear; prefer noeviction")
 
 
+def is_cluster_side(side: _Side) -> bool:
+    return len(side.ep.addrs) > 1 or side.info.get("cluster_enabled") == "1"
+
+
+async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: bool) -> Check:
+    """A Redis Cluster target (full migrations): every master reachable after host mapping
+    and a master, cluster_state ok everywhere, all 16384 slots served, every source db
+    with keys mapped to db 0, existing keys per existing_keys, maxmemory headroom per
+    master for its share of the source."""
+    name = "target.topology"
+    if spec.incremental:
+        return Check(name=name, status="error",
+                     message=f"{dst.name} is a Redis Cluster: an incremental task into a "
+                             f"cluster is not supported yet (full_amount_migration is)")
+    try:
+        topo = await discover(spec.target, HostMapping(spec.target.host_mapping),
+                              role="target", timeout=CONNECT_TIMEOUT)
+        await check_reachable(topo, spec.target, role="target", timeout=CONNECT_TIMEOUT)
+    except CdcdError as exc:
+        return Check(name=name, status="error", message=exc.message)
+    problems: list[str] = []
+    if topo.uncovered():
+        gaps = ", ".join(f"{a}-{b}" for a, b in topo.uncovered()[:5])
+        problems.append(f"slots {gaps} are served by no master")
+    held = 0
+    for node in topo.masters:
+        conn = await Connection.open(*node.dial, role="target", ep=spec.target,
+                                     timeout=CONNECT_TIMEOUT)
+        try:
+            state = parse_info(await conn.call("CLUSTER", "INFO", timeout=COMMAND_TIMEOUT))
+            info = parse_info(await conn.call("INFO", timeout=COMMAND_TIMEOUT))
+        finally:
+            conn.close()
+        if state.get("cluster_state") != "ok":
+            problems.append(f"{node.name} says cluster_state:{state.get('cluster_state')}")
+        if info.get("role") != "master":
+            problems.append(f"{node.name} is not a master (role {info.get('role')})")
+        held += keyspace(info).get(0, 0)
+        limit = _int(info.get("maxmemory"))
+        share = _int(src.info.get("used_memory")) / max(1, len(topo.masters))
+        if limit and share > limit - _int(info.get("used_memory")):
+            problems.append(f"{node.name} has {_size(limit - _int(info.get('used_memory')))} "
+                            f"free of maxmemory {_size(limit)}, less than its share of the "
+                            f"source ({_size(share)})")
+    unmapped = sorted(db for db, n in keyspace(src.info).items()
+                      if n and spec.filter.db_ok(db) and spec.target_db(db) != 0)
+    if unmapped:
+        problems.append(f"source db {', '.join(map(str, unmapped))} hold keys but a cluster "
+                        f"has db 0 only: map them with db_mapping (e.g. "
+                        f"{{\"{unmapped[0]}\": 0}}) or leave them out with filter.dbs")
+    if fresh and held and spec.existing_keys == "fail":
+        problems.append(f"the cluster holds {held} keys and existing_keys is 'fail'")
+    if problems:
+        return Check(name=name, status="error", message=f"{dst.name} (Redis Cluster): "
+                     + "; ".join(problems))
+    shards = "; ".join(f"{s.master.name} slots {s.slots_text()}" for s in topo.shards)
+    return Check(name=name, status="ok",
+                 message=f"Redis Cluster of {len(topo.masters)} masters: {shards}")
+
+
 async def _topology_check(side: _Side) -> Check:
     name = f"{side.role}.topology"
     if len(side.ep.addrs) > 1:
@@ -829,12 +890,16 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
             plan.append(("source.scan", lambda: _scan_check(src)))
         if src.up:
             plan.append(("source.topology", lambda: _topology_check(src)))
-        if dst.up:
+        if dst.up and src.up and is_cluster_side(dst):
+            plan.append(("target.topology",
+                         lambda: _cluster_target_check(src, dst, spec, fresh)))
+        elif dst.up:
             plan.append(("target.topology", lambda: _topology_check(dst)))
+        if dst.up:
             plan.append(("target.writable", lambda: _writable_check(dst)))
-            if fresh:
+            if fresh and not is_cluster_side(dst):
                 plan.append(("target.existing_keys", lambda: _existing_keys_check(dst, spec)))
-        if src.up and dst.up:
+        if src.up and dst.up and not is_cluster_side(dst):
             plan.append(("target.memory", lambda: _memory_check(src, dst, spec)))
         if dst.up:
             plan.append(("target.eviction_policy", lambda: _eviction_check(dst)))

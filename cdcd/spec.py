@@ -33,6 +33,7 @@ MAX_PREFIXES = 256
 MAX_PREFIX_BYTES = 1024
 MAX_DB_LIST = 1024
 MAX_DB_MAPPING = 1024
+MAX_HOST_MAPPING = 1024
 LINK_TIMEOUT_S = 60           # like Redis's repl-timeout
 MAX_LINK_TIMEOUT_S = 3600
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -61,6 +62,9 @@ class Endpoint:
     tls_key_file: str = ""
     tls_server_name: str = ""
     tls_skip_verify: bool = False
+    # Cluster nodes that announce an address cdcd cannot dial: {"announced": "dial"}, each
+    # "host:port" or a bare host (cdcd.topology.HostMapping reads it).
+    host_mapping: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         pw = self.password if isinstance(self.password, SecretRef) else \
@@ -94,6 +98,7 @@ class Endpoint:
             "tls_key_file": self.tls_key_file,
             "tls_server_name": self.tls_server_name,
             "tls_skip_verify": self.tls_skip_verify,
+            "host_mapping": dict(sorted(self.host_mapping.items())),
         }
 
 
@@ -463,9 +468,47 @@ def parse_endpoint(fields: _Fields) -> Endpoint:
                            f"tls_skip_verify: true (nothing is verified)")
     ep = Endpoint(addrs=got.addrs, username=username, password=password, tls=tls,
                   tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key,
-                  tls_server_name=server_name, tls_skip_verify=skip)
+                  tls_server_name=server_name, tls_skip_verify=skip,
+                  host_mapping=parse_host_mapping(fields))
     fields.done()
     return ep
+
+
+def parse_host_mapping(fields: _Fields) -> dict[str, str]:
+    """``{"announced host:port": "dial host:port"}`` or ``{"host": "host"}``."""
+    raw = fields.pop("host_mapping", dict, {})
+    path = fields._name("host_mapping")
+    if len(raw) > MAX_HOST_MAPPING:
+        raise RequestError(f"{path}: at most {MAX_HOST_MAPPING} entries")
+    out: dict[str, str] = {}
+    for announced, dial in raw.items():
+        if not isinstance(dial, str):
+            raise RequestError(f"{path}.{announced}: must be a string")
+        a = _mapping_side(announced, f"{path} key {announced!r}"[:200])
+        d = _mapping_side(dial, f"{path}.{announced}"[:200])
+        if (a[1] is None) != (d[1] is None):
+            raise RequestError(f"{path}.{announced}: map host:port to host:port, or a host "
+                               f"to a host")
+        out[_show(a)] = _show(d)
+    return out
+
+
+def _mapping_side(text: str, path: str) -> tuple[str, int | None]:
+    if _bad_char(text) or len(text) > MAX_HOST + 8:
+        raise RequestError(f"{path}: not a host or host:port")
+    host, sep, port = text.rpartition(":")
+    if sep and PORT_RE.fullmatch(port) and (host.startswith("[") or ":" not in host):
+        if not 0 < int(port) < 65536:
+            raise RequestError(f"{path}: port must be 1..65535")
+        return parse_host(host.strip("[]"), path), int(port)
+    return parse_host(text.strip("[]"), path), None
+
+
+def _show(side: tuple[str, int | None]) -> str:
+    host, port = side
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tls_path(fields: _Fields, key: str) -> str:

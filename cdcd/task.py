@@ -29,8 +29,10 @@ from .readers.notify import NotificationFeed
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
 from .readers.scan import ScanSnapshot
 from .resp import Arg, Connection, ReplyError, ServerReplyError, keyspace, parse_info
+from .router import ClusterRouter
 from .scope import in_scope, writes_db
 from .spec import TaskSpec
+from .topology import HostMapping, Topology, check_reachable, discover, is_cluster
 from .verify import Verification
 from .writer import Writer
 
@@ -99,6 +101,8 @@ class Task:
         self.note: str = rec.get("note", self.reason if self.state == State.RUNNING and
                                  not self.reason.startswith("retrying") else "")
         self._dirty = False
+        self.topology: Topology | None = None    # a cluster target's shape, else None
+        self._closers: list[Callable[[], None]] = []
 
     # --- view and persistence ---------------------------------------------------------------
 
@@ -115,6 +119,7 @@ class Task:
             "progress": self._progress_view(),
             "prechecks": self.prechecks,
             "markers": self.markers.keys if self.spec.incremental else [],
+            "target_topology": self.topology.view() if self.topology is not None else None,
         }
 
     def _progress_view(self) -> dict[str, Any]:
@@ -303,6 +308,7 @@ class Task:
         target.io_timeout = float(spec.link_timeout_s)
         try:
             await self._precheck()
+            await self._learn_topology(target)
             restarted = await self._start_writing(target)
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
             self.progress.reader = reader
@@ -330,6 +336,8 @@ class Task:
         finally:
             source.close()
             target.close()
+            while self._closers:
+                self._closers.pop()()
 
     async def _start_writing(self, target: Connection) -> bool:
         """Learn who the target is and record, before the first write, that the task
@@ -364,6 +372,16 @@ class Task:
 
     async def _scope_holds_keys(self, target: Connection) -> bool:
         """Say whether the target holds keys the task could write (cdcd's own excluded)."""
+        for host, port in self._cluster_nodes():
+            conn = await Connection.open(host, port, role="target", ep=self.spec.target)
+            try:
+                if await self._node_holds_keys(conn):
+                    return True
+            finally:
+                conn.close()
+        return self.topology is None and await self._node_holds_keys(target)
+
+    async def _node_holds_keys(self, target: Connection) -> bool:
         spec = self.spec
         held = keyspace(parse_info(await target.call("INFO", "keyspace")))
         try:
@@ -456,7 +474,8 @@ class Task:
             await rdb_applied.wait()
             if seen is not None and self._cleanup_allowed():
                 self.progress.status = "removing target keys the source no longer has"
-                removed = await remove_stale_keys(spec, rdb_lacks(spec, seen), self._foreign())
+                removed = await remove_stale_keys(spec, rdb_lacks(spec, seen), self._foreign(),
+                                                  self._cluster_nodes())
                 log.info("task %s: resync removed %d target keys the source no longer has",
                          spec.task_id, removed)
             if self.checkpoint.pop("resync", None) is not None:
@@ -467,9 +486,8 @@ class Task:
                              rdb_only=not spec.incremental, resync=resync,
                              on_full_sync=on_full_sync, on_stream=on_stream,
                              after_rdb=after_rdb)
-        writer = Writer(target, progress=self.progress, replace=spec.existing_keys != "skip",
-                        db_map=spec.target_db, limiter=self._limiter(),
-                        marker=self._marker if spec.incremental else None)
+        writer = await self._writer(target, replace=spec.existing_keys != "skip",
+                                    marker=self._marker if spec.incremental else None)
 
         async def ack(batch: Batch) -> None:
             pos = batch.checkpoint
@@ -540,35 +558,44 @@ class Task:
         comes), and keys it evicts break the copy (reported; ``on_target_eviction: fail``
         stops the task)."""
         spec = self.spec
-        conn = await Connection.open_endpoint(spec.target, role="target")
-        last: int | None = None
+        conns: list[Connection] = []
         try:
+            for host, port in self._cluster_nodes() or [spec.target.addrs[0]]:
+                conns.append(await Connection.open(host, port, role="target", ep=spec.target))
+            last: list[int | None] = [None] * len(conns)
             while True:
-                try:
-                    raw = await conn.call("INFO", "stats", timeout=float(spec.link_timeout_s))
-                    mem = await conn.call("INFO", "memory", timeout=float(spec.link_timeout_s))
-                except EndpointError as exc:
-                    raise EndpointError(f"{exc.message} (target probe)") from None
-                info = {**parse_info(raw), **parse_info(mem)}
-                evicted = int(info.get("evicted_keys", "0") or 0)
-                self.progress.target_policy = info.get("maxmemory_policy", "")
-                if last is not None:
-                    new = evicted - last if evicted >= last else evicted   # restarted: reset
-                    if new > 0:
-                        self.progress.target_evicted_keys += new
-                        msg = (f"{conn.name} evicted {new} keys (maxmemory-policy "
-                               f"{self.progress.target_policy}, "
-                               f"{self.progress.target_evicted_keys} since the task started "
-                               f"watching): the copy is no longer exact")
-                        if spec.on_target_eviction == "fail":
-                            raise FatalTaskError(msg + "; raise the target's maxmemory or "
-                                                 "set maxmemory-policy noeviction, then resync")
-                        self.record_error(msg)
-                        self.set_note(msg)
-                last = evicted
+                for i, conn in enumerate(conns):
+                    last[i] = await self._look_at_target(conn, last[i])
                 await asyncio.sleep(WATCH_EVERY)
         finally:
-            conn.close()
+            for conn in conns:
+                conn.close()
+
+    async def _look_at_target(self, conn: Connection, last: int | None) -> int:
+        """One look at one target node; return its evicted_keys counter."""
+        spec = self.spec
+        try:
+            raw = await conn.call("INFO", "stats", timeout=float(spec.link_timeout_s))
+            mem = await conn.call("INFO", "memory", timeout=float(spec.link_timeout_s))
+        except EndpointError as exc:
+            raise EndpointError(f"{exc.message} (target probe)") from None
+        info = {**parse_info(raw), **parse_info(mem)}
+        evicted = int(info.get("evicted_keys", "0") or 0)
+        self.progress.target_policy = info.get("maxmemory_policy", "")
+        if last is not None:
+            new = evicted - last if evicted >= last else evicted   # restarted: reset
+            if new > 0:
+                self.progress.target_evicted_keys += new
+                msg = (f"{conn.name} evicted {new} keys (maxmemory-policy "
+                       f"{self.progress.target_policy}, "
+                       f"{self.progress.target_evicted_keys} since the task started "
+                       f"watching): the copy is no longer exact")
+                if spec.on_target_eviction == "fail":
+                    raise FatalTaskError(msg + "; raise the target's maxmemory or "
+                                         "set maxmemory-policy noeviction, then resync")
+                self.record_error(msg)
+                self.set_note(msg)
+        return evicted
 
     def _verifier(self) -> list[Coroutine[Any, Any, None]]:
         return [self._continuous_verify()] if self.spec.continuous_verify else []
@@ -600,6 +627,34 @@ class Task:
                 self.record_error(f"continuous_verify: {r['differences']} of {r['keys_checked']}"
                                   f" sampled keys differ on the target")
                 log.warning("task %s: %s", self.spec.task_id, self.progress.last_error)
+
+    async def _writer(self, target: Connection, *, replace: bool,
+                      marker: Callable[[Any], list[bytes] | None] | None = None
+                      ) -> Writer | ClusterRouter:
+        """The target's writer: one connection, or a router over a cluster's masters."""
+        if self.topology is None:
+            return Writer(target, progress=self.progress, replace=replace,
+                          db_map=self.spec.target_db, limiter=self._limiter(), marker=marker)
+        router = ClusterRouter(self.topology, self.spec.target, progress=self.progress,
+                               replace=replace, limiter=self._limiter(),
+                               io_timeout=float(self.spec.link_timeout_s))
+        await router.open()
+        self._closers.append(router.close)
+        return router
+
+    def _cluster_nodes(self) -> list[tuple[str, int]]:
+        """A cluster target's masters (where cdcd dials them); [] for a standalone one."""
+        return [] if self.topology is None else [m.dial for m in self.topology.masters]
+
+    async def _learn_topology(self, target: Connection) -> None:
+        """Find out whether the target is a cluster and, if so, its masters and slots."""
+        spec = self.spec
+        if len(spec.target.addrs) == 1 and not await is_cluster(target):
+            self.topology = None
+            return
+        self.topology = await discover(spec.target, HostMapping(spec.target.host_mapping),
+                                       role="target")
+        await check_reachable(self.topology, spec.target, role="target")
 
     def _limiter(self) -> TokenBucket | None:
         mb = self.spec.bandwidth_limit_mb
@@ -639,8 +694,7 @@ class Task:
         spec = self.spec
         forced = self._forced_scan_resync()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
-        writer = Writer(target, progress=self.progress, replace=self._replace(bool(forced)),
-                        db_map=spec.target_db, limiter=self._limiter())
+        writer = await self._writer(target, replace=self._replace(bool(forced)))
         reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
         reader.replace = writer.replace
         await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
@@ -660,7 +714,7 @@ class Task:
         src = await Connection.open_endpoint(self.spec.source, role="source")
         try:
             removed = await remove_stale_keys(self.spec, source_lacks(self.spec, src),
-                                              self._foreign())
+                                              self._foreign(), self._cluster_nodes())
         finally:
             src.close()
         self.progress.status = ""
@@ -686,8 +740,7 @@ class Task:
         await feed.subscribe()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
         # Every start redoes the snapshot: after the first, the scope holds our own copies.
-        writer = Writer(target, progress=p, replace=self._replace(True),
-                        db_map=spec.target_db, limiter=self._limiter())
+        writer = await self._writer(target, replace=self._replace(True))
         scan = ScanSnapshot(source, spec, p, None)
         scan.replace = writer.replace
 
@@ -768,35 +821,41 @@ def source_lacks(spec: TaskSpec, src: Connection) -> StaleFn:
 
 
 async def remove_stale_keys(spec: TaskSpec, stale: StaleFn,
-                            foreign: Callable[[int, bytes], bool]) -> int:
+                            foreign: Callable[[int, bytes], bool],
+                            nodes: list[tuple[str, int]] | None = None) -> int:
     """Delete target keys in the task's scope (its target dbs and filter) that ``stale``
     says the source no longer holds; never cdcd's own keys nor ``foreign`` ones (another
-    task's on a shared target).
+    task's on a shared target). ``nodes``: a cluster's masters (each SCANned, keys
+    unlinked one by one since they span slots), else the target's first address.
 
     A full resync re-copies every key but cannot see deletions that happened while the
     link was down (or before a crash); without this the target would keep them.
     """
     flt = spec.filter
-    conn = await Connection.open_endpoint(spec.target, role="target")
-    conn.io_timeout = float(spec.link_timeout_s)
     removed = 0
-    try:
-        held = keyspace(parse_info(await conn.call("INFO", "keyspace")))
-        for tdb in sorted(held):
-            if not source_dbs(spec, tdb):
-                continue
-            await conn.select(tdb)
-            cursor = b"0"
-            while True:
-                cursor, keys = await conn.call("SCAN", cursor, "COUNT", 1000)
-                mine = [k for k in keys if flt.key_ok(k) and not foreign(tdb, k)]
-                gone = await stale(tdb, mine) if mine else []
-                if gone:
-                    removed += await conn.call("UNLINK", *gone)
-                if cursor == b"0":
-                    break
-    finally:
-        conn.close()
+    for host, port in nodes or [spec.target.addrs[0]]:
+        conn = await Connection.open(host, port, role="target", ep=spec.target)
+        conn.io_timeout = float(spec.link_timeout_s)
+        try:
+            held = keyspace(parse_info(await conn.call("INFO", "keyspace")))
+            for tdb in sorted(held):
+                if not source_dbs(spec, tdb):
+                    continue
+                await conn.select(tdb)
+                cursor = b"0"
+                while True:
+                    cursor, keys = await conn.call("SCAN", cursor, "COUNT", 1000)
+                    mine = [k for k in keys if flt.key_ok(k) and not foreign(tdb, k)]
+                    gone = await stale(tdb, mine) if mine else []
+                    if gone and nodes:
+                        replies = await conn.pipeline([["UNLINK", k] for k in gone])
+                        removed += sum(r for r in replies if isinstance(r, int))
+                    elif gone:
+                        removed += await conn.call("UNLINK", *gone)
+                    if cursor == b"0":
+                        break
+        finally:
+            conn.close()
     return removed
 
 
