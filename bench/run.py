@@ -65,6 +65,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 import redis  # noqa: E402
 
+from tests.cluster import Cluster  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.servers import RedisServer, wait_for  # noqa: E402
 
@@ -439,16 +440,25 @@ class Bench:
             rep.cleanup()
 
     def cdcd_sync(self, src: RedisServer, reader: str, nkeys: int, timeout: float,
-                  **spec: Any) -> dict[str, Any]:
-        """A full migration into a fresh server with a fresh daemon; create .. Succeeded."""
+                  cluster: bool = False, **spec: Any) -> dict[str, Any]:
+        """A full migration into a fresh server (or a fresh 3-master cluster) with a fresh
+        daemon; create .. Succeeded."""
         d, api = self.daemon()
-        tgt = self.server()
+        tgt: RedisServer | Cluster = Cluster(replicas=0).start() if cluster else self.server()
+        nodes = tgt.masters if isinstance(tgt, Cluster) else [tgt]
         assert d.proc is not None
         pid = d.proc.pid
         rss = Sampler(lambda: proc_status(pid).get("VmRSS", 0), 0.05).start()
+
+        class Keys:   # the keys the target holds, summed over a cluster's masters
+            def info(self, section: str) -> dict[str, Any]:
+                held = [n.client().info("keyspace").get("db0", {}).get("keys", 0)
+                        for n in nodes]
+                return {"db0": {"keys": sum(held)}}
         try:
-            tc = tgt.client()
-            body = {"source": {"addrs": src.addr}, "target": {"addrs": tgt.addr},
+            tc = Keys()
+            addrs = tgt.addrs if isinstance(tgt, Cluster) else tgt.addr
+            body = {"source": {"addrs": src.addr}, "target": {"addrs": addrs},
                     "migration_method": "full_amount_migration", "reader": reader, **spec}
             cpu0 = cpu_seconds(pid)
             t0 = time.perf_counter()
@@ -487,7 +497,7 @@ class Bench:
             rss.stop()
             api.close()
             self.stop_daemon(d)
-            tgt.cleanup()
+            tgt.stop() if isinstance(tgt, Cluster) else tgt.cleanup()
 
     def compare(self, src: RedisServer, nkeys: int, rounds: int, timeout: float,
                 readers: tuple[str, ...] = ("psync", "scan")) -> dict[str, Any]:
@@ -555,6 +565,7 @@ class Bench:
                     self.unavailable(S, metric, NotAvailable(res["errors"].get(reader, "?")),
                                      "<= 2.0 (aim 1.5)")
             self._memory_rows_from(res, n)
+            self._cluster_target_row(src, n, timeout, med.get("psync"))
             src.cleanup()
 
         # the mixed dataset
@@ -594,6 +605,26 @@ class Bench:
                     res["errors"].get(reader) or res["errors"].get("native", "?")),
                     "<= 2.0 (aim 1.5)")
         self.results["mixed_mb_unit"] = unit
+
+    def _cluster_target_row(self, src: RedisServer, n: int, timeout: float,
+                            standalone: float | None) -> None:
+        """The same psync snapshot into a 3-master cluster, as a ratio to the standalone
+        target's median time in this run (the masters are written in parallel)."""
+        metric = f"{n:,} keys into a 3-master cluster target: time / standalone target"
+        print(f"\n== snapshot: {n:,} keys into a 3-master cluster target ==", flush=True)
+        try:
+            if standalone is None:
+                raise NotAvailable("no standalone psync time to compare with")
+            r = self.cdcd_sync(src, "psync", n, timeout, cluster=True)
+        except (NotAvailable, TimeoutError, AssertionError, RuntimeError, redis.RedisError,
+                OSError) as exc:
+            self.unavailable("snapshot", metric, exc, "<= 1.0")
+            return
+        ratio = r["seconds"] / standalone
+        self.results["snapshot"]["ratio_cluster_target"] = ratio
+        self.row("snapshot", metric, f"{ratio:.2f}x ({fmt_s(r['seconds'])}, "
+                 f"{n / r['seconds']:,.0f} keys/s; daemon cpu {r['cpu_seconds']:.1f} s)",
+                 "<= 1.0", verdict(ratio <= 1.0))
 
     def _memory_rows_from(self, res: dict[str, Any], n: int) -> None:
         mem = self.results.setdefault("memory", {})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from binascii import crc_hqx
 from collections import deque
 from typing import Any
 
@@ -95,6 +96,7 @@ class ClusterRouter:
     def split(self, entries: list[Entry]) -> dict[int, list[Entry]]:
         """Each master's part of a batch, in the batch's order."""
         parts: dict[int, list[Entry]] = {}
+        slot_node = self.slot_node
         block: list[Entry] | None = None     # a MULTI ... EXEC block being gathered
         for entry in entries:
             kind = entry[0]
@@ -107,7 +109,15 @@ class ClusterRouter:
                     block = None
                 continue
             if kind == RESTORE:
-                parts.setdefault(self.node_of(entry[2]), []).append(entry)
+                key = entry[2]
+                node = slot_node[crc_hqx(key, 0) & 16383] if b"{" not in key else \
+                    self.node_of(key)
+                if node < 0:
+                    node = self.node_of(key)    # raises, naming the key
+                part = parts.get(node)
+                if part is None:
+                    part = parts[node] = []
+                part.append(entry)
             elif kind == STRINGS:
                 self._split_strings(entry, parts)
             elif kind == COMMAND:

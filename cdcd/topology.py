@@ -9,6 +9,7 @@ the precheck ask a ``Topology``. ``CLUSTER SHARDS`` (Redis 7.0+, Valkey) is aske
 from __future__ import annotations
 
 import logging
+from binascii import crc_hqx
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,8 +29,11 @@ Addr = tuple[str, int]
 def key_slot(key: bytes) -> int:
     """The cluster slot of a key: CRC16 of the key or of its {hash tag}, mod 16384.
 
-    redis-py's implementation (the same CRC16 as redis-py's cluster client uses).
+    redis-py's implementation (the same CRC16 as redis-py's cluster client uses); a key
+    without '{' (most keys) takes the same CRC in C without the tag search.
     """
+    if b"{" not in key:
+        return crc_hqx(key, 0) & 16383
     return int(_key_slot(key))
 
 
