@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdcd.verifications")
 
 KEEP_FINISHED = 100        # finished verifications kept for ``get``; the oldest go first
-MAX_RUNNING = 10           # verifications running at once (each holds two connections)
+MAX_RUNNING = 10           # verifications running at once (each holds a source connection
+                           # and one per target master)
 RECHECK_DELAY = 2.0        # seconds before keys found different on a live task are rechecked
 RECHECK_MAX_WAIT = 30.0    # the longest wait for a live task to catch up before the recheck
 STOP_TIMEOUT = 10.0        # how long shutdown waits for a cancelled verification

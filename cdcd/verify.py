@@ -12,12 +12,20 @@ the target dbs they map to for keys the source lacks ("extra"). Sample mode pick
 RANDOMKEY on the source (spread over dbs by their key counts; a db with fewer keys than its
 share is scanned whole) and does not look for extra keys.
 
+A Redis Cluster target (several addresses, or a node saying ``cluster_enabled:1``) is read
+through ``ClusterTarget``: one connection per master, each target read sent to the master
+of its key's slot (every command verify sends to the target names one key), extra keys
+looked for by SCANning every master. It has db 0 only: a source db holding keys that maps
+elsewhere fails the verification. A read redirected while the cluster is resharded is sent
+again once (MOVED: after a fresh slot map; ASK: to the importing node, after ASKING).
+
 A key SCAN returns twice (possible while the server rehashes) is compared twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -28,10 +36,17 @@ from typing import Any
 
 import hiredis
 
+from .cluster_reads import ClusterTarget, key_of, redirect_of
 from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError
 from .ratelimit import TokenBucket
-from .resp import Arg, Connection, ReplyError, encode, keyspace, parse_info
+from .resp import Arg, Connection, ReplyError, ServerReplyError, encode, keyspace, parse_info
 from .spec import TaskSpec
+from .topology import (
+    Addr,
+    HostMapping,
+    is_cluster,
+    show_addr,
+)
 
 log = logging.getLogger("cdcd.verify")
 
@@ -184,7 +199,8 @@ class Verification:
         self._keys = TokenBucket(keys_per_sec, burst=max(batch, keys_per_sec / 20))
         self._elements = TokenBucket(elements_per_sec, burst=max(chunk, elements_per_sec / 20))
         self._src: Connection | None = None
-        self._dst: Connection | None = None
+        self._dst: Connection | None = None          # a standalone target
+        self._cluster: ClusterTarget | None = None  # or a cluster target
         self._task: asyncio.Task[Any] | None = None
         self._cancel_requested = False
         self._tallies: dict[int, _Tally] = {}
@@ -255,10 +271,10 @@ class Verification:
         self.progress.update(state=state, error=error, finished_at=_now(), phase="")
 
     async def _close(self) -> None:
-        for conn in (self._src, self._dst):
+        for conn in (self._src, self._dst, self._cluster):
             if conn is not None:
                 await conn.aclose()
-        self._src = self._dst = None
+        self._src = self._dst = self._cluster = None
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -268,14 +284,18 @@ class Verification:
         return self._src
 
     @property
-    def dst(self) -> Connection:
-        assert self._dst is not None
-        return self._dst
+    def dst(self) -> Connection | ClusterTarget:
+        side = self._cluster or self._dst
+        assert side is not None
+        return side
 
     async def _pair(self, scmds: Sequence[Sequence[Arg]],
                     dcmds: Sequence[Sequence[Arg]]) -> tuple[list[Any], list[Any]]:
         """Run one pipeline on each side; both servers work at the same time."""
-        src, dst = self.src, self.dst
+        if self._cluster is not None:
+            return await self._pair_cluster(scmds, dcmds)
+        src, dst = self.src, self._dst
+        assert dst is not None
         if scmds:
             src.send(b"".join(encode(c) for c in scmds))
         if dcmds:
@@ -293,22 +313,80 @@ class Verification:
                                 f"{self.op_timeout:g}s") from None
         return sr, dr
 
+    @contextlib.asynccontextmanager
+    async def _deadline(self, who: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                yield
+        except TimeoutError:
+            raise EndpointError(f"{who}: no reply within {self.op_timeout:g}s") from None
+
+    async def _pair_cluster(self, scmds: Sequence[Sequence[Arg]],
+                            dcmds: Sequence[Sequence[Arg]]) -> tuple[list[Any], list[Any]]:
+        """``_pair`` with a cluster target: its part goes to the masters by slot."""
+        src, dst = self.src, self._cluster
+        assert dst is not None
+        if scmds:
+            src.send(b"".join(encode(c) for c in scmds))
+        parts = dst.send(dcmds) if dcmds else []
+        async with self._deadline(f"{src.name} / {dst.name}"):
+            if scmds:
+                await src.drain()
+            dr = await dst.collect(parts, len(dcmds))
+            sr = await src.read_replies(len(scmds)) if scmds else []
+        if any(redirect_of(r) for r in dr):
+            dr = await self._redirected(dst, dcmds, dr)
+        return sr, dr
+
+    async def _redirected(self, dst: ClusterTarget, dcmds: Sequence[Sequence[Arg]],
+                          dr: list[Any]) -> list[Any]:
+        """Send the reads a node redirected once more: after a fresh slot map for MOVED,
+        to the importing node after ASKING for ASK; a second redirect fails."""
+        again = [i for i, r in enumerate(dr) if redirect_of(r)]
+        cmds = [dcmds[i] for i in again]
+        log.info("verification %s: %s redirected %d of %d reads (%s); sending them again",
+                 self.id, dst.name, len(again), len(dr), dr[again[0]])
+        asking: dict[int, Addr] = {}
+        for j, i in enumerate(again):
+            if redirect_of(dr[i]) == "ASK":
+                asking[j] = await dst.ensure_ask(dr[i], key_of(dcmds[i]))
+        if len(asking) < len(again):
+            await dst.refresh()
+        async with self._deadline(dst.name):
+            replies = await dst.collect(dst.send(cmds, asking), len(cmds))
+        out = list(dr)
+        for j, (i, reply) in enumerate(zip(again, replies)):
+            if redirect_of(reply):
+                raise EndpointError(
+                    f"{dst.name}: {_s(cmds[j][0])} {render_key(key_of(cmds[j]))} was "
+                    f"redirected again after following {dr[i]} ({reply}): the cluster is "
+                    f"being resharded; verify again once its slots stay put")
+            out[i] = reply
+        return out
+
     async def _one(self, conn: Connection, *args: Arg) -> Any:
-        """Run one command on one side; return its reply, checked with ``_check``."""
+        """Run one command on one side (or one cluster master); return its reply, checked
+        with ``_check``."""
         cmds = [list(args)]
-        sr, dr = await (self._pair(cmds, []) if conn is self.src else self._pair([], cmds))
-        return self._check(conn, (sr or dr)[0], _s(args[0]))
+        if conn is self.src:
+            (reply,), _ = await self._pair(cmds, [])
+        elif conn is self._dst:
+            _, (reply,) = await self._pair([], cmds)
+        else:
+            async with self._deadline(conn.name):
+                (reply,) = await conn.pipeline(cmds)
+        return self._check(conn, reply, _s(args[0]))
 
     async def _select(self, db: int, tdb: int) -> None:
         await self.src.select(db)
         await self.dst.select(tdb)
 
-    def _check(self, conn: Connection, reply: Any, what: str) -> Any:
+    def _check(self, side: Connection | ClusterTarget, reply: Any, what: str) -> Any:
         """Pass a reply through; WRONGTYPE means the key changed, other errors fail."""
         if isinstance(reply, ReplyError):
             if str(reply).startswith("WRONGTYPE"):
                 raise _Changed(str(reply))
-            raise EndpointError(f"{conn.name}: {what} failed: {reply}")
+            raise EndpointError(f"{side.name}: {what} failed: {reply}")
         return reply
 
     def _update_progress(self) -> None:
@@ -324,13 +402,12 @@ class Verification:
 
     async def _run(self) -> None:
         spec = self.spec
-        for role, ep in (("source", spec.source), ("target", spec.target)):
-            if len(ep.addrs) > 1:
-                raise FatalTaskError(f"{role} lists several addresses (a Redis Cluster): "
-                                     f"cluster not supported yet")
+        if len(spec.source.addrs) > 1:
+            raise FatalTaskError("source lists several addresses (a Redis Cluster): "
+                                 "cluster not supported yet")
         self.progress["phase"] = "connect"
         self._src = await Connection.open_endpoint(spec.source, role="source")
-        self._dst = await Connection.open_endpoint(spec.target, role="target")
+        await self._open_target()
         plan = await self._plan()
         for db in plan.dbs:
             self._tallies[db] = _Tally(db=db, target_db=spec.target_db(db),
@@ -362,19 +439,61 @@ class Verification:
             await self._do_recheck(plan)
         self._update_progress()
 
+    async def _open_target(self) -> None:
+        """Connect to a standalone target, or to every master of a cluster target."""
+        ep = self.spec.target
+        if len(ep.addrs) == 1:
+            self._dst = await Connection.open_endpoint(ep, role="target")
+            try:
+                clustered = await is_cluster(self._dst)
+            except ServerReplyError:    # INFO refused: not a cluster node we could use
+                clustered = False
+            if not clustered:
+                return
+            await self._dst.aclose()
+            self._dst = None
+        try:
+            mapping = HostMapping(getattr(ep, "host_mapping", None) or {})
+        except ValueError as exc:
+            raise FatalTaskError(f"target.host_mapping: {exc}") from None
+        self._cluster = ClusterTarget(ep, mapping)
+        await self._cluster.refresh()
+        log.info("verification %s: target is a cluster of %d masters (%s)", self.id,
+                 len(self._cluster.conns),
+                 ", ".join(show_addr(a) for a in self._cluster.conns))
+
+    async def _cluster_keyspace(self, cluster: ClusterTarget) -> list[tuple[str, Any]]:
+        """INFO keyspace of every master, asked of all at once: [(node name, reply)]."""
+        masters = cluster.masters()
+        for conn in masters:
+            conn.send(encode(["INFO", "keyspace"]))
+        async with self._deadline(cluster.name):
+            for conn in masters:
+                await conn.drain()
+            return [(conn.name, (await conn.read_replies(1))[0]) for conn in masters]
+
     async def _plan(self) -> _Plan:
         spec = self.spec
+        cluster = self._cluster
         cmds: list[list[Arg]] = [["INFO", "keyspace"], ["INFO", "cluster"]]
-        (s_ks, s_cl), (d_ks, d_cl) = await self._pair(cmds, cmds)
-        for conn, reply in ((self.src, s_cl), (self.dst, d_cl)):
-            if not isinstance(reply, ReplyError) and \
-                    parse_info(reply).get("cluster_enabled") == "1":
-                raise FatalTaskError(f"{conn.name} is a Redis Cluster node: cluster not "
-                                     f"supported yet")
-        for conn, reply in ((self.src, s_ks), (self.dst, d_ks)):
+        (s_ks, s_cl), d_ks = await self._pair(cmds, cmds[:1] if cluster is None else [])
+        if not isinstance(s_cl, ReplyError) and \
+                parse_info(s_cl).get("cluster_enabled") == "1":
+            raise FatalTaskError(f"{self.src.name} is a Redis Cluster node: cluster not "
+                                 f"supported yet")
+        infos = [(self.src.name, s_ks)]
+        if cluster is None:
+            infos.append((self.dst.name, d_ks[0]))
+        else:
+            infos += await self._cluster_keyspace(cluster)
+        for name, reply in infos:
             if isinstance(reply, ReplyError):
-                raise EndpointError(f"{conn.name}: INFO keyspace failed: {reply}")
-        src_keys, dst_keys = keyspace(parse_info(s_ks)), keyspace(parse_info(d_ks))
+                raise EndpointError(f"{name}: INFO keyspace failed: {reply}")
+        src_keys = keyspace(parse_info(s_ks))
+        dst_keys: dict[int, int] = {}
+        for _, reply in infos[1:]:
+            for db, n in keyspace(parse_info(reply)).items():
+                dst_keys[db] = dst_keys.get(db, 0) + n
         if spec.filter.dbs is not None:
             dbs = set(spec.filter.dbs)
         else:
@@ -385,6 +504,13 @@ class Verification:
                         dbs.add(t)
                     dbs.update(d for d, v in spec.db_mapping.items() if v == t and n)
         ordered = sorted(d for d in dbs if spec.filter.db_ok(d))
+        if self._cluster is not None:     # db 0 only: an empty source db elsewhere is moot
+            for d in ordered:
+                if spec.target_db(d) != 0 and src_keys.get(d, 0):
+                    raise FatalTaskError(
+                        f"target is a Redis Cluster: source db {d} maps to target db "
+                        f"{spec.target_db(d)}, but a cluster has db 0 only; give db_mapping")
+            ordered = [d for d in ordered if spec.target_db(d) == 0]
         groups: dict[int, list[int]] = {}
         for d in ordered:
             groups.setdefault(spec.target_db(d), []).append(d)
@@ -726,11 +852,18 @@ class Verification:
     # --- extra keys -----------------------------------------------------------------------
 
     async def _scan_extras(self, tdb: int, sdbs: list[int]) -> None:
-        """Find keys of target db ``tdb`` (passing the filter) that no mapped source db has."""
-        async for keys in self._scan(self.dst, tdb):
-            diffs = await self._extras(tdb, sdbs, keys)
-            self._record(("extra", tdb), diffs)
-            self._update_progress()
+        """Find keys of target db ``tdb`` (passing the filter) that no mapped source db has;
+        on a cluster, SCAN every master."""
+        if self._cluster is not None:
+            sides = self._cluster.masters()
+        else:
+            assert self._dst is not None
+            sides = [self._dst]
+        for side in sides:
+            async for keys in self._scan(side, tdb):
+                diffs = await self._extras(tdb, sdbs, keys)
+                self._record(("extra", tdb), diffs)
+                self._update_progress()
 
     async def _extras(self, tdb: int, sdbs: list[int], keys: list[bytes]) -> list[Diff]:
         cmds: list[list[Arg]] = [["EXISTS", k] for k in keys]

@@ -337,7 +337,7 @@ async def test_unreachable_and_cluster_fail_cleanly(servers: Servers) -> None:
     out = await Verification(spec_for(src, f"127.0.0.1:{port}")).run()
     assert out["state"] == "failed" and f"target 127.0.0.1:{port}" in out["error"]
     out = await Verification(spec_for(src, f"127.0.0.1:{port},127.0.0.1:{port + 1}")).run()
-    assert out["state"] == "failed" and "cluster not supported yet" in out["error"]
+    assert out["state"] == "failed" and "no seed node answered" in out["error"]
 
 
 def test_render_key() -> None:
