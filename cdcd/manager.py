@@ -27,6 +27,10 @@ from .verify import Verification
 
 log = logging.getLogger("cdcd.manager")
 
+# What ``update`` may change on a live task.
+UPDATABLE = frozenset({"task_id", "bandwidth_limit_mb", "source", "target"})
+ENDPOINT_UPDATABLE = ("addrs", "host_mapping")
+
 # Periodic checkpoints wait this long so that the checkpoints of other tasks share a write.
 LAZY_FLUSH = 0.25
 # While the store cannot be written, the doctor tries again this often.
@@ -251,6 +255,53 @@ class Manager:
         except StoreError as exc:
             raise saved_later(exc) from exc
         return task
+
+    async def update(self, data: dict[str, Any]) -> Task:
+        """Change a task's ``bandwidth_limit_mb`` (at once, even mid-snapshot) and its
+        endpoints' ``addrs`` / ``host_mapping`` (from the next connection: a running task
+        reconnects and resumes from its checkpoint, a partial resync when the new address
+        can continue the replication stream)."""
+        for key in data:
+            if key not in UPDATABLE:
+                raise RequestError(f"request_data.{key}: unknown field (update takes "
+                                   f"task_id, {', '.join(sorted(UPDATABLE - {'task_id'}))})")
+        task = self.get(data.get("task_id"))
+        raw = task.spec.to_json(mask=False)
+        if "bandwidth_limit_mb" in data:
+            raw["bandwidth_limit_mb"] = data["bandwidth_limit_mb"]
+        for side in ("source", "target"):
+            if side not in data:
+                continue
+            given = data[side]
+            if not isinstance(given, dict):
+                raise RequestError(f"request_data.{side}: must be an object")
+            for key in given:
+                if key not in ENDPOINT_UPDATABLE:
+                    raise RequestError(f"request_data.{side}.{key}: cannot be updated (only "
+                                       f"{', '.join(ENDPOINT_UPDATABLE)}); create a new "
+                                       f"task to change it")
+            raw[side] = {**raw[side], **given}
+        spec = parse_spec(raw)
+        moved = spec.source != task.spec.source or spec.target != task.spec.target
+        run_id = await target_run_id(spec.target) if moved else task.target_run_id
+        async with self._ops:
+            await self._store_writable()
+            if moved:
+                others = [t for t in self.tasks.values() if t is not task]
+                conflict = find_conflict(spec, run_id, others)
+                if conflict is not None:
+                    raise ConflictError(conflict)
+            task.update_spec(spec)
+            if moved and task.running:
+                await task.stop()
+                task.start()        # reconnects to the new addresses from its checkpoint
+            log.info("task %s: updated (%s)", task.spec.task_id, ", ".join(
+                sorted(k for k in data if k != "task_id")))
+            try:
+                await task.persist()
+            except StoreError as exc:
+                raise saved_later(exc) from exc
+            return task
 
     async def resync(self, task_id: Any) -> Task:
         """Redo the task's snapshot now (stale target keys removed), then go on."""

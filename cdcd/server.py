@@ -293,6 +293,12 @@ async def op_delete(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
     return {"task_id": await m.delete(data.get("task_id"), ignore, purge_markers=purge)}
 
 
+async def op_update(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
+    task = await m.update(data)
+    return {"task_id": task.spec.task_id, "state": task.state.value,
+            "spec": task.spec.to_json(mask=True)}
+
+
 async def op_resync(m: Manager, data: dict[str, Any]) -> dict[str, Any]:
     _fields(data, {"task_id"})
     task = await m.resync(data.get("task_id"))
@@ -315,6 +321,7 @@ OPERATIONS: dict[str, Handler] = {
     "create": op_create, "list": op_list, "get": op_get,
     "pause": op_pause, "resume": op_resume, "delete": op_delete,
     "precheck": op_precheck, "verify": op_verify, "resync": op_resync,
+    "update": op_update,
 }
 
 

@@ -42,7 +42,8 @@ QUEUE_BATCHES = 8
 CHECKPOINT_EVERY = 1.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
-WATCH_EVERY = 2.0          # seconds between looks at the target (eviction, liveness)
+WATCH_EVERY = 5.0          # seconds between looks at the target (eviction, liveness)
+POLICY_EVERY = 12          # looks between reads of its maxmemory-policy (INFO memory)
 MAX_TEXT = 2000            # reason / last_error are cut to this many characters
 
 
@@ -102,6 +103,8 @@ class Task:
                                  not self.reason.startswith("retrying") else "")
         self._dirty = False
         self.topology: Topology | None = None    # a cluster target's shape, else None
+        mb = spec.bandwidth_limit_mb
+        self.bandwidth = TokenBucket(mb * 1_000_000 if mb else None)
         self._closers: list[Callable[[], None]] = []
 
     # --- view and persistence ---------------------------------------------------------------
@@ -563,25 +566,32 @@ class Task:
             for host, port in self._cluster_nodes() or [spec.target.addrs[0]]:
                 conns.append(await Connection.open(host, port, role="target", ep=spec.target))
             last: list[int | None] = [None] * len(conns)
+            rounds = 0
             while True:
                 for i, conn in enumerate(conns):
-                    last[i] = await self._look_at_target(conn, last[i])
+                    last[i] = await self._look_at_target(conn, last[i],
+                                                         policy=rounds % POLICY_EVERY == 0)
+                rounds += 1
                 await asyncio.sleep(WATCH_EVERY)
         finally:
             for conn in conns:
                 conn.close()
 
-    async def _look_at_target(self, conn: Connection, last: int | None) -> int:
-        """One look at one target node; return its evicted_keys counter."""
+    async def _look_at_target(self, conn: Connection, last: int | None, *,
+                              policy: bool) -> int:
+        """One look at one target node (and at its maxmemory-policy when ``policy``);
+        return its evicted_keys counter."""
         spec = self.spec
         try:
-            raw = await conn.call("INFO", "stats", timeout=float(spec.link_timeout_s))
-            mem = await conn.call("INFO", "memory", timeout=float(spec.link_timeout_s))
+            info = parse_info(await conn.call("INFO", "stats",
+                                              timeout=float(spec.link_timeout_s)))
+            if policy:
+                mem = parse_info(await conn.call("INFO", "memory",
+                                                 timeout=float(spec.link_timeout_s)))
+                self.progress.target_policy = mem.get("maxmemory_policy", "")
         except EndpointError as exc:
             raise EndpointError(f"{exc.message} (target probe)") from None
-        info = {**parse_info(raw), **parse_info(mem)}
         evicted = int(info.get("evicted_keys", "0") or 0)
-        self.progress.target_policy = info.get("maxmemory_policy", "")
         if last is not None:
             new = evicted - last if evicted >= last else evicted   # restarted: reset
             if new > 0:
@@ -656,9 +666,16 @@ class Task:
                                        role="target")
         await check_reachable(self.topology, spec.target, role="target")
 
-    def _limiter(self) -> TokenBucket | None:
-        mb = self.spec.bandwidth_limit_mb
-        return TokenBucket(mb * 1_000_000) if mb else None
+    def _limiter(self) -> TokenBucket:
+        """The task's bucket: one for every pipeline, re-rated in place by ``update``."""
+        return self.bandwidth
+
+    def update_spec(self, spec: TaskSpec) -> None:
+        """Take a new spec (an operator's ``update``): the bandwidth limit applies at once;
+        endpoints from the next connection on."""
+        self.spec = spec
+        mb = spec.bandwidth_limit_mb
+        self.bandwidth.set_rate(mb * 1_000_000 if mb else None)
 
     async def _precheck(self) -> None:
         """Run every check; errors stop the task, warnings are only shown."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from redis.crc import key_slot as _key_slot
 
-from .errors import EndpointError, FatalTaskError
+from .errors import EndpointError
 from .resp import Connection, ServerReplyError, parse_info
 from .spec import Endpoint
 
@@ -276,7 +276,7 @@ async def check_reachable(topology: Topology, ep: Endpoint, *, role: str,
                 hint = (f"; if that is an address only the cluster's own network can reach, "
                         f"map it with {role}.host_mapping: "
                         f"{{\"{show_addr(node.announced)}\": \"<host:port cdcd can dial>\"}}")
-            raise FatalTaskError(f"{role} cluster node {node.name} ({node.role}, announced "
+            raise EndpointError(f"{role} cluster node {node.name} ({node.role}, announced "
                                  f"by the cluster) cannot be reached: {exc.message}"
                                  f"{hint}") from None
         conn.close()

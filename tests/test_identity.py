@@ -4,7 +4,6 @@ whose source and target are one server under two names failing before it writes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from cdcd.spec import Endpoint, TaskSpec
 from cdcd.task import State
 
 from .daemon import Daemon, spec
-from .servers import RedisServer, free_port, wait_for
+from .servers import RedisServer, free_port, silent_server, wait_for
 from .test_precheck import spec_for
 
 Servers = Callable[..., RedisServer]
@@ -165,19 +164,10 @@ async def test_target_run_id(servers: Servers) -> None:
 
 
 async def test_target_run_id_of_a_silent_server() -> None:
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_server() as port:
         t0 = time.monotonic()
         assert await target_run_id(Endpoint(addrs=(("127.0.0.1", port),)), timeout=0.3) is None
         assert time.monotonic() - t0 < 2
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 # --- find_conflict ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from cdcd.precheck import (
 )
 from cdcd.spec import TaskSpec, parse_spec
 
-from .servers import RedisServer, free_port, wait_for
+from .servers import RedisServer, free_port, silent_server, wait_for
 
 Servers = Callable[..., RedisServer]
 
@@ -147,20 +147,11 @@ async def test_unreachable_port(servers: Servers) -> None:
 
 async def test_silent_server_times_out() -> None:
     """A port that accepts but never answers becomes an error check, not a hang."""
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
+    async with silent_server() as port:
         t0 = time.monotonic()
         checks = by_name(await run_prechecks(
             spec_for(f"127.0.0.1:{port}", "127.0.0.1:1"), command_timeout=0.5))
         assert time.monotonic() - t0 < 3
-    finally:
-        server.close()
-        await server.wait_closed()
     assert checks["source.connection"].status == "error"
     assert "no reply to PING within 0.5s" in checks["source.connection"].message
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdcd.errors import FatalTaskError
+from cdcd.errors import EndpointError
 from cdcd.resp import Connection
 from cdcd.spec import Endpoint
 from cdcd.topology import (
@@ -63,7 +63,7 @@ async def test_announced_addresses_need_a_host_mapping(flavour: str) -> None:
         topo = await discover(ep, HostMapping(), role="target")
         assert sorted(m.announced for m in topo.masters) == [("127.0.0.2", i)
                                                              for i in (1, 2, 3)]
-        with pytest.raises(FatalTaskError) as err:
+        with pytest.raises(EndpointError) as err:
             await check_reachable(topo, ep, role="target")
         msg = err.value.message
         assert "127.0.0.2:" in msg and "target.host_mapping" in msg, msg
