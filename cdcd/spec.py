@@ -40,7 +40,9 @@ TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # ASCII digits only: str.isdigit() accepts '²', which int() then refuses.
 PORT_RE = re.compile(r"[0-9]{1,5}")
 DB_RE = re.compile(r"[0-9]{1,5}")
-HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# RFC 1123 labels, plus '_' (Docker Compose v1 and some cloud names use it; resolvers
+# accept it).
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 HOST_NUMERIC_RE = re.compile(r"[0-9.]+")
 MAX_DB = 15_999
 
@@ -291,7 +293,8 @@ def parse_host(host: str, path: str) -> str:
         raise RequestError(f"{path}: host name longer than {MAX_HOST} characters")
     if not all(HOST_LABEL_RE.fullmatch(label) for label in host.split(".")):
         raise RequestError(f"{path}: {_quote(host)} is not a host name (dot-separated labels "
-                           f"of 1-63 letters, digits and '-', not starting or ending with '-')")
+                           f"of 1-63 letters, digits, '_' and '-', not starting or ending with "
+                           f"'-')")
     return host
 
 
