@@ -1,7 +1,9 @@
 """The exactly-once markers: the only keys cdcd keeps on a target for itself.
 
-A task's marker ``cdcd:checkpoint:<task_id>`` (target db 0) holds ``replid offset db``: the
-stream position of the last batch applied. The writer sets it inside the same MULTI/EXEC
+A task's marker ``cdcd:checkpoint:<task_id>`` holds ``replid offset db``: the stream
+position of the last batch applied. It lives in a db of the target the task does not write
+(``choose_db``), so the user's dbs hold exactly the source's keys (DBSIZE equal); records
+of older versions keep theirs in db 0. The writer sets it inside the same MULTI/EXEC
 as the batch, so the target itself says what it holds, whatever the store or a crash did.
 On every (re)connect the task reads it back and compares it with its own checkpoint
 (``judge``): the target's word wins. Everything about markers (name, format, how a batch
@@ -11,6 +13,7 @@ lives here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import FatalTaskError
@@ -19,7 +22,7 @@ from .resp import Connection
 
 PREFIX = b"cdcd:checkpoint:"
 TMP_PREFIX = b"cdcd:tmp:"          # big keys being rebuilt (readers/bigkey.py)
-MARKER_DB = 0
+MARKER_DB = 0                       # where markers lived before choose_db, and the fallback
 CDCD_PREFIXES = (PREFIX, TMP_PREFIX)
 
 
@@ -42,24 +45,40 @@ class Verdict:
     full: bool = False
 
 
+def choose_db(databases: int, written: Callable[[int], bool], source_dbs: Iterable[int]
+              ) -> int:
+    """Pick the db for a task's marker: the highest db the task never writes; when it may
+    write every db (no filter.dbs), the highest one no source db with keys maps to now;
+    db 0 when there is none."""
+    for db in range(databases - 1, -1, -1):
+        if not written(db):
+            return db
+    busy = set(source_dbs)
+    for db in range(databases - 1, -1, -1):
+        if db not in busy:
+            return db
+    return MARKER_DB
+
+
 class Markers:
     """One task's marker on one target."""
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, db: int = MARKER_DB) -> None:
         self.key = PREFIX + task_id.encode()
+        self.db = db
 
     @property
     def keys(self) -> list[str]:
         """The marker keys as the task view lists them (db, key)."""
-        return [f"db {MARKER_DB}: {self.key.decode()}"]
+        return [f"db {self.db}: {self.key.decode()}"]
 
     def command(self, pos: StreamPos) -> list[bytes]:
-        """The command that records ``pos``, sent in db 0 inside the batch's MULTI/EXEC."""
+        """The command that records ``pos``, sent in ``db`` inside the batch's MULTI/EXEC."""
         return [b"SET", self.key, f"{pos.replid} {pos.offset} {pos.db}".encode()]
 
     async def read(self, conn: Connection) -> StreamPos | None:
         """Read the position the target holds (None when it has no marker)."""
-        await conn.select(MARKER_DB)
+        await conn.select(self.db)
         raw = await conn.call("GET", self.key)
         if not raw:
             return None
@@ -71,7 +90,7 @@ class Markers:
                                  f"{raw[:60]!r}, not a cdcd checkpoint") from None
 
     async def purge(self, conn: Connection) -> int:
-        await conn.select(MARKER_DB)
+        await conn.select(self.db)
         return int(await conn.call("DEL", self.key))
 
     async def judge(self, conn: Connection, local: StreamPos | None) -> Verdict:

@@ -21,7 +21,7 @@ from .errors import (
     StoreError,
 )
 from .identity import find_conflict, same_server
-from .markers import Markers, is_cdcd_key
+from .markers import Markers, choose_db, is_cdcd_key
 from .precheck import PREFIX_SCAN_LIMIT, Check, run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -84,7 +84,6 @@ class Task:
         self.spec = spec
         self.persist_fn = persist
         self.peers = peers          # the daemon's other tasks (shared-target rules)
-        self.markers = Markers(spec.task_id)
         # The target server's identity, learned at every connect (same server, two names).
         self.target_run_id: str | None = rec.get("target_run_id")
         self.state = State(rec.get("state", State.INITIAL.value))
@@ -93,6 +92,7 @@ class Task:
         self.created_at: str = rec.get("created_at") or now_iso()
         self.updated_at: str = rec.get("updated_at") or self.created_at
         self.checkpoint: dict[str, Any] = rec.get("checkpoint") or {}
+        self.markers = Markers(spec.task_id, int(self.checkpoint.get("marker_db", 0)))
         self.progress = Progress.from_record(rec.get("progress") or {})
         self.runner: asyncio.Task[None] | None = None
         self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
@@ -312,7 +312,7 @@ class Task:
         try:
             await self._precheck()
             await self._learn_topology(target)
-            restarted = await self._start_writing(target)
+            restarted = await self._start_writing(source, target)
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
             self.progress.reader = reader
             if reader == "psync":
@@ -342,7 +342,7 @@ class Task:
             while self._closers:
                 self._closers.pop()()
 
-    async def _start_writing(self, target: Connection) -> bool:
+    async def _start_writing(self, source: Connection, target: Connection) -> bool:
         """Learn who the target is and record, before the first write, that the task
         writes it; return whether an earlier attempt may have written already.
 
@@ -369,9 +369,28 @@ class Task:
         if started is None:
             self.checkpoint["started"] = {"at": now_iso(),
                                           "preexisting": await self._scope_holds_keys(target)}
+            if self.spec.incremental and self.topology is None:
+                db = await self._marker_db(source, target)
+                self.checkpoint["marker_db"] = db
+                self.markers = Markers(self.spec.task_id, db)
             await self.persist()
             return False
         return True
+
+    async def _marker_db(self, source: Connection, target: Connection) -> int:
+        """A db of the target the task does not write, for its marker (DBSIZE of the
+        user's dbs then equals the source's)."""
+        databases = 16
+        try:
+            reply = await target.call("CONFIG", "GET", "databases")
+            if isinstance(reply, list) and len(reply) == 2:
+                databases = max(1, int(reply[1]))
+        except (ServerReplyError, ValueError):
+            pass     # CONFIG refused (ACL, managed service): Redis's default
+        held = keyspace(parse_info(await source.call("INFO", "keyspace")))
+        used = [self.spec.target_db(d) for d, n in held.items()
+                if n and self.spec.filter.db_ok(d)]
+        return choose_db(databases, lambda db: writes_db(self.spec, db), used)
 
     async def _scope_holds_keys(self, target: Connection) -> bool:
         """Say whether the target holds keys the task could write (cdcd's own excluded)."""
@@ -644,7 +663,8 @@ class Task:
         """The target's writer: one connection, or a router over a cluster's masters."""
         if self.topology is None:
             return Writer(target, progress=self.progress, replace=replace,
-                          db_map=self.spec.target_db, limiter=self._limiter(), marker=marker)
+                          db_map=self.spec.target_db, limiter=self._limiter(), marker=marker,
+                          marker_db=self.markers.db)
         router = ClusterRouter(self.topology, self.spec.target, progress=self.progress,
                                replace=replace, limiter=self._limiter(),
                                io_timeout=float(self.spec.link_timeout_s))

@@ -43,16 +43,19 @@ class Writer:
     def __init__(self, conn: Connection, *, progress: Progress, replace: bool = True,
                  db_map: Callable[[int], int] = lambda db: db, max_inflight: int = 4,
                  limiter: TokenBucket | None = None,
-                 marker: Callable[[Any], list[bytes] | None] | None = None) -> None:
+                 marker: Callable[[Any], list[bytes] | None] | None = None,
+                 marker_db: int = 0) -> None:
         self.conn = conn
         self.progress = progress
         self.replace = replace
         self.db_map = db_map
         self.max_inflight = max_inflight
         self.limiter = limiter
-        # marker(checkpoint) -> a command recording the checkpoint on the target (run in db 0
-        # in the same MULTI/EXEC as the batch), or None for a batch sent without MULTI.
+        # marker(checkpoint) -> a command recording the checkpoint on the target (run in
+        # ``marker_db`` in the same MULTI/EXEC as the batch), or None for a batch sent
+        # without MULTI.
         self.marker = marker
+        self.marker_db = marker_db
         self.db = conn.db
         # (batch, replies expected, reply positions that answer our own SELECTs,
         #  whether the batch is wrapped in MULTI/EXEC)
@@ -149,11 +152,11 @@ class Writer:
                 encode_into(parts, entry[2])
             n += 1
         if mark is not None:
-            if self.db != 0:
-                encode_into(parts, [b"SELECT", b"0"])
+            if self.db != self.marker_db:
+                encode_into(parts, [b"SELECT", b"%d" % self.marker_db])
                 selects.append(n)
                 n += 1
-                self.db = 0
+                self.db = self.marker_db
             encode_into(parts, mark)
             parts.append(EXEC)
         data = b"".join(parts) if len(parts) > 1 else parts[0] if parts else b""

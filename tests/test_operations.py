@@ -346,7 +346,7 @@ def test_verify_live_incremental_task_under_writes(daemon: Daemon, servers: Serv
     r = v["result"]
     assert r["recheck"]["enabled"] is True
     # the checkpoint key the task keeps on the target is not an extra key
-    assert dst.client().exists(f"cdcd:checkpoint:{tid}")
+    assert dst.client(15).exists(f"cdcd:checkpoint:{tid}")
     assert r["differences"] == 0, r
     assert r["keys_checked"] >= 2000
     assert daemon.task(tid)["state"] == "Running"

@@ -48,7 +48,7 @@ def test_resync_spares_keys_of_a_task_sharing_the_target(servers: Any,
                              filter={"include_prefixes": ["b:"]}))
     for tid in ("a", "b"):
         wait_for(lambda tid=tid: daemon.task(tid)["phase"] == "incremental", 30)  # type: ignore[misc]
-    wait_for(lambda: dst.client().dbsize() >= 202, 30, what="both copies")
+    wait_for(lambda: dst.client().dbsize() >= 200, 30, what="both copies")
     a.client().delete("a:1")
     a.client().set("a:new", 1)
     daemon.ok("resync", {"task_id": "a"})
@@ -57,4 +57,4 @@ def test_resync_spares_keys_of_a_task_sharing_the_target(servers: Any,
     wait_for(lambda: dst.client().get("a:1") is None, 30, what="a stale key removed")
     # task b's keys are in a's scope (a copies every key) but b owns them: kept
     assert all(dst.client().get(f"b:{i}") == str(i).encode() for i in range(100))
-    assert dst.client().exists("cdcd:checkpoint:b")
+    assert dst.client(15).exists("cdcd:checkpoint:b")
