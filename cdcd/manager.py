@@ -250,6 +250,10 @@ class Manager:
     async def _run_again(self, task: Task) -> Task:
         """Start a stopped task's runner, then save its record."""
         task.start()   # before the write that may fail: Running always has its runner
+        return await self._save(task)
+
+    async def _save(self, task: Task) -> Task:
+        """Save a change already made in memory (503 saying so when the disk refuses)."""
         try:
             await task.persist()
         except StoreError as exc:
@@ -292,16 +296,12 @@ class Manager:
                 if conflict is not None:
                     raise ConflictError(conflict)
             task.update_spec(spec)
-            if moved and task.running:
-                await task.stop()
-                task.start()        # reconnects to the new addresses from its checkpoint
             log.info("task %s: updated (%s)", task.spec.task_id, ", ".join(
                 sorted(k for k in data if k != "task_id")))
-            try:
-                await task.persist()
-            except StoreError as exc:
-                raise saved_later(exc) from exc
-            return task
+            if moved and task.running:
+                await task.stop()   # reconnects to the new addresses from its checkpoint
+                return await self._run_again(task)
+            return await self._save(task)
 
     async def resync(self, task_id: Any) -> Task:
         """Redo the task's snapshot now (stale target keys removed), then go on."""

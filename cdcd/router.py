@@ -16,7 +16,6 @@ again from its checkpoint with the cluster's new shape.
 from __future__ import annotations
 
 import asyncio
-import logging
 from binascii import crc_hqx
 from collections import deque
 from typing import Any
@@ -29,8 +28,6 @@ from .resp import Connection
 from .spec import Endpoint
 from .topology import Topology, key_slot
 from .writer import AckFn, Writer
-
-log = logging.getLogger("cdcd.router")
 
 NODE_QUEUE = 4
 # Where the key is in the commands the snapshot sends (big-key chunks and their MULTI):
@@ -71,8 +68,8 @@ class ClusterRouter:
     async def open(self) -> None:
         try:
             for node in self.topology.masters:
-                conn = await Connection.open(*node.dial, role="target", ep=self.ep)
-                conn.io_timeout = self.io_timeout
+                conn = await Connection.open(*node.dial, role="target", ep=self.ep,
+                                             io_timeout=self.io_timeout)
                 self.conns.append(conn)
                 self.writers.append(Writer(conn, progress=self.progress, replace=self._replace,
                                            db_map=_to_db0, limiter=self.limiter))
@@ -103,7 +100,7 @@ class ClusterRouter:
             if block is not None:
                 block.append(entry)
                 if entry[2][0].upper() == b"EXEC":
-                    keyed = [e for e in block[1:-1]]
+                    keyed = block[1:-1]     # the commands between MULTI and EXEC
                     node = self.node_of(self._key(keyed[0][2])) if keyed else 0
                     parts.setdefault(node, []).extend(block)
                     block = None

@@ -104,6 +104,7 @@ class Task:
         self._dirty = False
         self.topology: Topology | None = None    # a cluster target's shape, else None
         mb = spec.bandwidth_limit_mb
+        # One bucket for every pipeline of the task, re-rated in place by ``update``.
         self.bandwidth = TokenBucket(mb * 1_000_000 if mb else None)
         self._closers: list[Callable[[], None]] = []
 
@@ -181,8 +182,8 @@ class Task:
 
     async def purge_markers(self) -> int:
         """Remove the task's marker keys from the target (the task must be stopped)."""
-        conn = await Connection.open_endpoint(self.spec.target, role="target")
-        conn.io_timeout = float(self.spec.link_timeout_s)
+        conn = await Connection.open_endpoint(self.spec.target, role="target",
+                                              io_timeout=float(self.spec.link_timeout_s))
         try:
             return await self.markers.purge(conn)
         finally:
@@ -275,9 +276,8 @@ class Task:
             except MigrationError as exc:
                 self.record_error(exc.message)
                 log.warning("task %s: %s", self.spec.task_id, exc.message)
-                never_started = not self.checkpoint
                 if (not exc.retryable or self.spec.resume_mode == "manual"
-                        or (never_started and self.phase == "precheck"
+                        or (self.fresh and self.phase == "precheck"
                             and not isinstance(exc, StoreError))):
                     self.set_state(State.FAILED, reason=exc.message)
                     await self.persist_quietly()
@@ -304,11 +304,11 @@ class Task:
         await self.persist()    # the store must take our records before any data moves
         source = await Connection.open_endpoint(spec.source, role="source")
         try:
-            target = await Connection.open_endpoint(spec.target, role="target")
+            target = await Connection.open_endpoint(spec.target, role="target",
+                                                    io_timeout=float(spec.link_timeout_s))
         except BaseException:
             source.close()
             raise
-        target.io_timeout = float(spec.link_timeout_s)
         try:
             await self._precheck()
             await self._learn_topology(target)
@@ -424,18 +424,21 @@ class Task:
             await target.select(0)
         return False
 
+    @property
+    def _scope_was_empty(self) -> bool:
+        """The task's scope on the target held no keys before its first write (so every
+        key there now is the task's own copy); unknown counts as not empty."""
+        return not self.checkpoint.get("started", {}).get("preexisting", True)
+
     def _replace(self, resync: bool) -> bool:
         """Whether snapshot keys replace the target's: per existing_keys, except in a
         resync of a target whose scope held nothing before the task (every key there is
         the task's own copy, which must be brought up to date)."""
-        if self.spec.existing_keys != "skip":
-            return True
-        return resync and not self.checkpoint.get("started", {}).get("preexisting", True)
+        return self.spec.existing_keys != "skip" or (resync and self._scope_was_empty)
 
     def _cleanup_allowed(self) -> bool:
         """A resync removes stale keys unless they cannot be told from the target's own."""
-        return self.spec.existing_keys != "skip" or \
-            not self.checkpoint.get("started", {}).get("preexisting", True)
+        return self.spec.existing_keys != "skip" or self._scope_was_empty
 
     async def _run_psync(self, source: Connection, target: Connection,
                          restarted: bool) -> None:
@@ -663,10 +666,10 @@ class Task:
         """The target's writer: one connection, or a router over a cluster's masters."""
         if self.topology is None:
             return Writer(target, progress=self.progress, replace=replace,
-                          db_map=self.spec.target_db, limiter=self._limiter(), marker=marker,
+                          db_map=self.spec.target_db, limiter=self.bandwidth, marker=marker,
                           marker_db=self.markers.db)
         router = ClusterRouter(self.topology, self.spec.target, progress=self.progress,
-                               replace=replace, limiter=self._limiter(),
+                               replace=replace, limiter=self.bandwidth,
                                io_timeout=float(self.spec.link_timeout_s))
         await router.open()
         self._closers.append(router.close)
@@ -685,10 +688,6 @@ class Task:
         self.topology = await discover(spec.target, HostMapping(spec.target.host_mapping),
                                        role="target")
         await check_reachable(self.topology, spec.target, role="target")
-
-    def _limiter(self) -> TokenBucket:
-        """The task's bucket: one for every pipeline, re-rated in place by ``update``."""
-        return self.bandwidth
 
     def update_spec(self, spec: TaskSpec) -> None:
         """Take a new spec (an operator's ``update``): the bandwidth limit applies at once;
@@ -871,8 +870,8 @@ async def remove_stale_keys(spec: TaskSpec, stale: StaleFn,
     flt = spec.filter
     removed = 0
     for host, port in nodes or [spec.target.addrs[0]]:
-        conn = await Connection.open(host, port, role="target", ep=spec.target)
-        conn.io_timeout = float(spec.link_timeout_s)
+        conn = await Connection.open(host, port, role="target", ep=spec.target,
+                                     io_timeout=float(spec.link_timeout_s))
         try:
             held = keyspace(parse_info(await conn.call("INFO", "keyspace")))
             for tdb in sorted(held):
