@@ -4,7 +4,10 @@ Entries are plain tuples (the snapshot moves millions of them; tuples are the ch
 Python objects to build and unpack):
 
     (RESTORE, db, key, expire_ms, payload)  expire_ms is absolute unix ms, 0 = no expiry
-    (COMMAND, db, args)                     a replicated command, args a list of bytes
+    (COMMAND, db, args)                     a command, args a list of bytes
+    (COMMAND, db, args, end)                a command of the replication stream and the
+                                            stream offset just after it (a cluster target
+                                            skips, per slot, what a replay repeats)
     (STRINGS, db, pairs, keys, nbytes)      plain string keys without a TTL: ``pairs`` is
                                             [key, value, key, value ...] (``nbytes`` of
                                             values); the writer sends one MSET for them

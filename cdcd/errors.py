@@ -11,6 +11,7 @@
     ├── TooManyConnections     503: max_connections connections are open already
     └── MigrationError         a task stops on it
         ├── EndpointError      a source/target server failed or refused (retryable)
+        │   └── TopologyChanged  a cluster said MOVED/ASK: retried at once, new shape
         ├── StoreError         503: the metadata store cannot be read or written; an outage
         │                      of the tasks (retryable), the only MigrationError the API shows
         └── FatalTaskError     retrying cannot help (bad payload, rejected key, ...)
@@ -87,6 +88,11 @@ class MigrationError(CdcdError):
 
 class EndpointError(MigrationError):
     """A server could not be reached, refused us, or dropped the link."""
+
+
+class TopologyChanged(EndpointError):
+    """A cluster answered MOVED/ASK: its slots moved (a resharding, a failover). Nothing
+    of the refused transaction was applied; the task goes on at once with the new shape."""
 
 
 class StoreError(MigrationError):

@@ -13,8 +13,10 @@ lives here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from binascii import crc_hqx
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
 
 from .errors import FatalTaskError
 from .readers.psync import StreamPos
@@ -43,6 +45,9 @@ class Verdict:
     resume: StreamPos | None
     lost: str = ""
     full: bool = False
+    # A cluster target: slot -> offset its marker holds, for the slots whose marker is
+    # past ``resume`` (the replayed stream skips, per slot, what the slot already holds).
+    skip: dict[int, int] = field(default_factory=dict)
 
 
 def choose_db(databases: int, written: Callable[[int], bool], source_dbs: Iterable[int]
@@ -116,3 +121,153 @@ class Markers:
                                 f"checkpoint says {local.offset}; restarted from an older "
                                 f"snapshot?); resuming from the target's marker")
         return Verdict(resume=remote)
+
+
+# --- a cluster target: one marker per slot -----------------------------------------------
+
+SLOTS = 16384
+
+
+@cache
+def slot_tags() -> tuple[bytes, ...]:
+    """For every slot, a short hash tag whose CRC16 falls in it (the first hex number
+    that does): ``{tag}`` puts a marker key in the slot it speaks for."""
+    tags: list[bytes | None] = [None] * SLOTS
+    left, i = SLOTS, 0
+    while left:
+        tag = b"%x" % i
+        slot = crc_hqx(tag, 0) & (SLOTS - 1)
+        if tags[slot] is None:
+            tags[slot] = tag
+            left -= 1
+        i += 1
+    return tuple(t for t in tags if t is not None)
+
+
+def _ranges(slots: Iterable[int]) -> str:
+    out: list[str] = []
+    start = prev = -2
+    for s in sorted(slots):
+        if s != prev + 1:
+            if start >= 0:
+                out.append(f"{start}-{prev}" if prev != start else str(start))
+            start = s
+        prev = s
+    if start >= 0:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ",".join(out)
+
+
+class SlotMarkers:
+    """A task's markers on a Redis Cluster target: ``cdcd:checkpoint:<task_id>:{tag}``,
+    one per slot, in the slot itself.
+
+    A MULTI/EXEC on a cluster may only touch one slot, so there is no key a whole batch
+    could be recorded in. Instead each slot's part of a batch is one MULTI/EXEC that also
+    sets that slot's marker to the stream position (``replid offset db``) up to which the
+    slot holds every command. A marker moves with its slot when the cluster is resharded
+    and with the data to a replica, so it always speaks for the data beside it. After the
+    snapshot every slot gets one (16384 small keys: bounded, listed in the view, ignored
+    by verify, purged on request); the writer rewrites the markers of idle slots in turn
+    (``REFRESH_S``), so none is much older than the stream.
+    """
+
+    REFRESH_S = 5.0
+
+    def __init__(self, task_id: str) -> None:
+        self.prefix = PREFIX + task_id.encode() + b":{"
+        self.tags = slot_tags()
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"db 0 of every master: {self.prefix.decode()}<tag>}} (one per slot, 16384)"]
+
+    def key(self, slot: int) -> bytes:
+        return self.prefix + self.tags[slot] + b"}"
+
+    @staticmethod
+    def value(replid: str, offset: int, db: int) -> bytes:
+        return f"{replid} {offset} {db}".encode()
+
+    async def read(self, conns: Sequence[Connection]) -> dict[int, StreamPos]:
+        """Every slot marker the masters hold: slot -> position."""
+        from .topology import key_slot
+        out: dict[int, StreamPos] = {}
+        pattern = self.prefix + b"*"
+        for conn in conns:
+            cursor = b"0"
+            while True:
+                cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern,
+                                               "COUNT", 2000)
+                if keys:
+                    values = await conn.pipeline([["GET", k] for k in keys])
+                    for k, raw in zip(keys, values):
+                        if not isinstance(raw, bytes):
+                            continue     # expired or moved meanwhile
+                        try:
+                            replid, offset, db = raw.decode().split()
+                            pos = StreamPos(replid=replid, offset=int(offset), db=int(db))
+                        except ValueError:
+                            raise FatalTaskError(f"{conn.name}: checkpoint key {k[:80]!r} "
+                                                 f"holds {raw[:60]!r}, not a cdcd "
+                                                 f"checkpoint") from None
+                        out[key_slot(k)] = pos
+                if cursor == b"0":
+                    break
+        return out
+
+    async def purge(self, conns: Sequence[Connection]) -> int:
+        removed = 0
+        pattern = self.prefix + b"*"
+        for conn in conns:
+            cursor = b"0"
+            while True:
+                cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern,
+                                               "COUNT", 2000)
+                if keys:
+                    replies = await conn.pipeline([["DEL", k] for k in keys])
+                    removed += sum(r for r in replies if isinstance(r, int))
+                if cursor == b"0":
+                    break
+        return removed
+
+    @staticmethod
+    def judge(marks: dict[int, StreamPos], local: StreamPos | None,
+              changed: dict[str, list[int]]) -> Verdict:
+        """Compare the task's checkpoint with the slot markers; the markers win.
+
+        ``changed``: masters (by name) that are not the servers the checkpoint was written
+        to (restarted, or a replica promoted in a failover), with their slots: their data
+        may be older than the checkpoint, down to what their slot markers say.
+
+        - a slot without a marker although the task streamed: the cluster lost data (a
+          master restarted empty, a flush, a failover to a replica that had nothing yet):
+          a full sync;
+        - else resume from the checkpoint, or from the oldest marker of a changed master's
+          slots when that is older; each slot then skips what its marker says it holds.
+        """
+        if local is None:
+            return Verdict(resume=None)
+        missing = [s for s in range(SLOTS) if s not in marks]
+        if missing:
+            return Verdict(resume=None, full=True,
+                           lost=f"the target cluster has no checkpoint marker for "
+                                f"{len(missing)} slots ({_ranges(missing)[:200]}) although "
+                                f"offset {local.offset} was applied (a master restarted "
+                                f"empty, was flushed, or a replica that had not received "
+                                f"them yet was promoted)")
+        resume = local
+        why: list[str] = []
+        for name, slots in changed.items():
+            oldest = min((marks[s] for s in slots), key=lambda p: p.offset, default=None)
+            if oldest is not None and oldest.offset < resume.offset:
+                resume = oldest
+            why.append(name)
+        skip = {s: p.offset for s, p in marks.items() if p.offset > resume.offset}
+        lost = ""
+        if resume is not local:
+            lost = (f"target master {', '.join(why)} changed (restarted or failed over) and "
+                    f"may hold less than the checkpoint (offset {local.offset}); resuming "
+                    f"from offset {resume.offset}, each slot skipping what its marker says "
+                    f"it holds")
+        return Verdict(resume=resume, lost=lost, skip=skip)

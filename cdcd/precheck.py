@@ -725,15 +725,11 @@ def is_cluster_side(side: _Side) -> bool:
 
 
 async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: bool) -> Check:
-    """A Redis Cluster target (full migrations): every master reachable after host mapping
+    """A Redis Cluster target: every master reachable after host mapping
     and a master, cluster_state ok everywhere, all 16384 slots served, every source db
     with keys mapped to db 0, existing keys per existing_keys, maxmemory headroom per
     master for its share of the source."""
     name = "target.topology"
-    if spec.incremental:
-        return Check(name=name, status="error",
-                     message=f"{dst.name} is a Redis Cluster: an incremental task into a "
-                             f"cluster is not supported yet (full_amount_migration is)")
     try:
         topo = await discover(spec.target, HostMapping(spec.target.host_mapping),
                               role="target", timeout=CONNECT_TIMEOUT)

@@ -21,7 +21,7 @@ from .errors import (
     StoreError,
 )
 from .identity import find_conflict, same_server
-from .markers import Markers, choose_db, is_cdcd_key
+from .markers import Markers, SlotMarkers, Verdict, choose_db, is_cdcd_key
 from .precheck import PREFIX_SCAN_LIMIT, Check, run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -93,6 +93,7 @@ class Task:
         self.updated_at: str = rec.get("updated_at") or self.created_at
         self.checkpoint: dict[str, Any] = rec.get("checkpoint") or {}
         self.markers = Markers(spec.task_id, int(self.checkpoint.get("marker_db", 0)))
+        self.slot_markers = SlotMarkers(spec.task_id)     # a cluster target's
         self.progress = Progress.from_record(rec.get("progress") or {})
         self.runner: asyncio.Task[None] | None = None
         self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
@@ -122,7 +123,8 @@ class Task:
             "spec": self.spec.to_json(mask=True),
             "progress": self._progress_view(),
             "prechecks": self.prechecks,
-            "markers": self.markers.keys if self.spec.incremental else [],
+            "markers": ([] if not self.spec.incremental else self.slot_markers.keys
+                        if self.topology is not None else self.markers.keys),
             "target_topology": self.topology.view() if self.topology is not None else None,
         }
 
@@ -185,9 +187,22 @@ class Task:
         conn = await Connection.open_endpoint(self.spec.target, role="target",
                                               io_timeout=float(self.spec.link_timeout_s))
         try:
-            return await self.markers.purge(conn)
+            if len(self.spec.target.addrs) == 1 and not await is_cluster(conn):
+                return await self.markers.purge(conn)
         finally:
             conn.close()
+        topology = await discover(self.spec.target, HostMapping(self.spec.target.host_mapping),
+                                  role="target")
+        conns: list[Connection] = []
+        try:
+            for node in topology.masters:
+                conns.append(await Connection.open(*node.dial, role="target",
+                                                   ep=self.spec.target,
+                                                   io_timeout=float(self.spec.link_timeout_s)))
+            return await self.slot_markers.purge(conns)
+        finally:
+            for c in conns:
+                c.close()
 
     def request_resync(self, why: str) -> None:
         """Make the next start redo the snapshot (kept in the checkpoint across crashes)."""
@@ -446,16 +461,33 @@ class Task:
         local = StreamPos.from_json(self.checkpoint.get("stream"))
         forced = self.checkpoint.get("resync")
         resume: StreamPos | None = None
+        router: ClusterRouter | None = None
+        skip: dict[int, int] = {}
+        if self.topology is not None and spec.incremental:
+            # A cluster target: the writer's connections read the slot markers too.
+            router = await self._cluster_writer(replace=spec.existing_keys != "skip",
+                                                marks=True)
         if spec.incremental and not forced:
-            verdict = await self.markers.judge(target, local)
+            if router is not None:
+                verdict = await self._judge_cluster(router, local)
+            else:
+                verdict = await self.markers.judge(target, local)
             if verdict.lost:
                 self.progress.target_resets += 1
                 self.set_note(verdict.lost)
                 if verdict.full:
                     forced = self.checkpoint["resync"] = verdict.lost
                     self.checkpoint.pop("stream", None)
-                await self.persist()
+                elif verdict.resume is not None:
+                    self.checkpoint["stream"] = verdict.resume.to_json()
+            await self.persist()
             resume = verdict.resume
+            skip = verdict.skip
+        if router is not None:
+            if resume is not None:
+                router.resume(skip)
+            else:
+                router.mark_all = True
         # A full sync after data was written (a crash during the first snapshot, a resync
         # asked for or forced by the target) must end exact: stale keys removed after it.
         resync = bool(forced) or restarted
@@ -510,9 +542,10 @@ class Task:
         reader = PsyncReader(spec, self.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=resync,
                              on_full_sync=on_full_sync, on_stream=on_stream,
-                             after_rdb=after_rdb)
-        writer = await self._writer(target, replace=spec.existing_keys != "skip",
-                                    marker=self._marker if spec.incremental else None)
+                             after_rdb=after_rdb, parse=self.topology is not None)
+        writer = router or await self._writer(
+            target, replace=spec.existing_keys != "skip",
+            marker=self._marker if spec.incremental else None)
 
         async def ack(batch: Batch) -> None:
             pos = batch.checkpoint
@@ -668,12 +701,34 @@ class Task:
             return Writer(target, progress=self.progress, replace=replace,
                           db_map=self.spec.target_db, limiter=self.bandwidth, marker=marker,
                           marker_db=self.markers.db)
+        return await self._cluster_writer(replace=replace)
+
+    async def _cluster_writer(self, *, replace: bool, marks: bool = False) -> ClusterRouter:
+        assert self.topology is not None
         router = ClusterRouter(self.topology, self.spec.target, progress=self.progress,
                                replace=replace, limiter=self.bandwidth,
-                               io_timeout=float(self.spec.link_timeout_s))
+                               io_timeout=float(self.spec.link_timeout_s),
+                               marks=self.slot_markers if marks else None,
+                               task_id=self.spec.task_id, db_map=self.spec.target_db)
         await router.open()
         self._closers.append(router.close)
         return router
+
+    async def _judge_cluster(self, router: ClusterRouter, local: StreamPos | None) -> Verdict:
+        """Compare the checkpoint with the slot markers on every master. A master that is
+        not the server the checkpoint was written to (restarted, or a promoted replica)
+        may hold less: its slots' markers say how much. The masters of now are recorded
+        with the position the task resumes from."""
+        assert self.topology is not None
+        marks = await self.slot_markers.read(router.conns)
+        ids = await router.identities()
+        recorded = self.checkpoint.get("target_nodes") or {}
+        changed = {s.master.name: [slot for a, b in s.ranges for slot in range(a, b + 1)]
+                   for s in self.topology.shards
+                   if recorded.get(s.master.node_id) != ids.get(s.master.node_id)}
+        verdict = SlotMarkers.judge(marks, local, changed)
+        self.checkpoint["target_nodes"] = ids
+        return verdict
 
     def _cluster_nodes(self) -> list[tuple[str, int]]:
         """A cluster target's masters (where cdcd dials them); [] for a standalone one."""

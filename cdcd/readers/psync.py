@@ -100,7 +100,7 @@ class PsyncReader:
                  on_full_sync: Callable[[str, int], None] = lambda r, o: None,
                  on_stream: Callable[[], None] = lambda: None,
                  after_rdb: Callable[[set[int] | None], Awaitable[None]] | None = None,
-                 ) -> None:
+                 parse: bool = False) -> None:
         self.spec = spec
         self.progress = progress
         self.resume = resume
@@ -112,6 +112,9 @@ class PsyncReader:
         # Called once the RDB is queued, before the stream: with the hashes of the keys
         # the RDB held when the task had copied data before (a resync), else None.
         self.after_rdb = after_rdb
+        # Parse every command (never forward the source's bytes): a cluster target routes
+        # each by slot and needs each command's end offset.
+        self.parse = parse
         # A full sync is a resync (stale target keys are removed after it) when the task
         # copied data before: asked to (``resync``), or the source refused to continue.
         self.resync = resync
@@ -357,7 +360,7 @@ class PsyncReader:
         """
         parser = hiredis.Reader()
         gets = parser.gets
-        raw = self.filter.trivial
+        raw = self.filter.trivial and not self.parse
         start = self.offset     # offset where the current batch began
         buf = bytearray()       # with raw: the stream's bytes from ``start`` on
         if self._buf:
@@ -446,7 +449,7 @@ class PsyncReader:
                     args = self._script(args)
                 target = in_multi if in_multi is not None else entries
                 for db, cmd in flt.apply(self.db, args):
-                    target.append((COMMAND, db, cmd))
+                    target.append((COMMAND, db, cmd, offset))
                 if in_multi is None and (len(entries) >= BATCH_ENTRIES or
                                          offset - start >= BATCH_BYTES):
                     self.offset = start = offset
