@@ -172,7 +172,7 @@ class SlotMarkers:
     (``REFRESH_S``), so none is much older than the stream.
     """
 
-    REFRESH_S = 5.0
+    REFRESH_S = 2.0
 
     def __init__(self, task_id: str) -> None:
         self.prefix = PREFIX + task_id.encode() + b":{"
@@ -202,19 +202,32 @@ class SlotMarkers:
                 if keys:
                     values = await conn.pipeline([["GET", k] for k in keys])
                     for k, raw in zip(keys, values):
-                        if not isinstance(raw, bytes):
-                            continue     # expired or moved meanwhile
-                        try:
-                            replid, offset, db = raw.decode().split()
-                            pos = StreamPos(replid=replid, offset=int(offset), db=int(db))
-                        except ValueError:
-                            raise FatalTaskError(f"{conn.name}: checkpoint key {k[:80]!r} "
-                                                 f"holds {raw[:60]!r}, not a cdcd "
-                                                 f"checkpoint") from None
-                        out[key_slot(k)] = pos
+                        if isinstance(raw, bytes):     # else moved meanwhile
+                            out[key_slot(k)] = self._parse(conn, k, raw)
                 if cursor == b"0":
                     break
+        missing = [s for s in range(SLOTS) if s not in out]
+        if missing and len(missing) < SLOTS:
+            # A slot migrating between masters while we scanned them one after the other:
+            # ask every master for those keys (ASKING reaches a key already imported).
+            for conn in conns:
+                cmds: list[list[bytes]] = []
+                for slot in missing:
+                    cmds += [[b"ASKING"], [b"GET", self.key(slot)]]
+                replies = await conn.pipeline(cmds)
+                for slot, raw in zip(missing, replies[1::2]):
+                    if isinstance(raw, bytes) and slot not in out:
+                        out[slot] = self._parse(conn, self.key(slot), raw)
         return out
+
+    @staticmethod
+    def _parse(conn: Connection, key: bytes, raw: bytes) -> StreamPos:
+        try:
+            replid, offset, db = raw.decode().split()
+            return StreamPos(replid=replid, offset=int(offset), db=int(db))
+        except ValueError:
+            raise FatalTaskError(f"{conn.name}: checkpoint key {key[:80]!r} holds "
+                                 f"{raw[:60]!r}, not a cdcd checkpoint") from None
 
     async def purge(self, conns: Sequence[Connection]) -> int:
         removed = 0
@@ -246,9 +259,15 @@ class SlotMarkers:
         - else resume from the checkpoint, or from the oldest marker of a changed master's
           slots when that is older; each slot then skips what its marker says it holds.
         """
-        if local is None:
-            return Verdict(resume=None)
         missing = [s for s in range(SLOTS) if s not in marks]
+        if local is None:
+            if missing:
+                return Verdict(resume=None)
+            # Every slot marked, the store without a position (a crash before the first
+            # checkpoint was saved): the snapshot is whole; resume from the oldest marker.
+            oldest = min(marks.values(), key=lambda p: p.offset)
+            return Verdict(resume=oldest, skip={s: p.offset for s, p in marks.items()
+                                                 if p.offset > oldest.offset})
         if missing:
             return Verdict(resume=None, full=True,
                            lost=f"the target cluster has no checkpoint marker for "
@@ -256,12 +275,12 @@ class SlotMarkers:
                                 f"offset {local.offset} was applied (a master restarted "
                                 f"empty, was flushed, or a replica that had not received "
                                 f"them yet was promoted)")
-        resume = local
+        resume: StreamPos = local
         why: list[str] = []
         for name, slots in changed.items():
-            oldest = min((marks[s] for s in slots), key=lambda p: p.offset, default=None)
-            if oldest is not None and oldest.offset < resume.offset:
-                resume = oldest
+            for s in slots:
+                if marks[s].offset < resume.offset:
+                    resume = marks[s]
             why.append(name)
         skip = {s: p.offset for s, p in marks.items() if p.offset > resume.offset}
         lost = ""

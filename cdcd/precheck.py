@@ -236,8 +236,7 @@ class _Side:
     async def connect(self, timeout: float) -> None:
         """Open, authenticate and read INFO/CONFIG; record failures instead of raising."""
         try:
-            self.conn = await Connection.open(self.host, self.port, role=self.role, ep=self.ep,
-                                              timeout=timeout)
+            self.conn = await self._open(timeout)
             self.tls = self.conn.tls
             replies = await self.pipeline([["PING"], ["INFO"], ["HELLO", "2"]]
                                           + [["CONFIG", "GET", c] for c in _CONFIGS])
@@ -251,6 +250,21 @@ class _Side:
             self.connect_error = f"{self.name}: unexpected reply: {type(exc).__name__}: {exc}"
         if self.connect_error:
             await self.close()
+
+    async def _open(self, timeout: float) -> Connection:
+        """The first address that answers (a cluster's seeds: any node will do)."""
+        first: CdcdError | None = None
+        for host, port in self.ep.addrs:
+            try:
+                conn = await Connection.open(host, port, role=self.role, ep=self.ep,
+                                             timeout=timeout)
+            except CdcdError as exc:
+                first = first or exc
+                continue
+            self.host, self.port = host, port
+            return conn
+        assert first is not None
+        raise first
 
     def _load(self, replies: list[Any]) -> None:
         """Take PING, INFO, HELLO and CONFIG GET replies in."""
@@ -891,9 +905,9 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
                          lambda: _cluster_target_check(src, dst, spec, fresh)))
         elif dst.up:
             plan.append(("target.topology", lambda: _topology_check(dst)))
-        if dst.up:
+        if dst.up and not is_cluster_side(dst):      # a cluster's masters: target.topology
             plan.append(("target.writable", lambda: _writable_check(dst)))
-            if fresh and not is_cluster_side(dst):
+            if fresh:
                 plan.append(("target.existing_keys", lambda: _existing_keys_check(dst, spec)))
         if src.up and dst.up and not is_cluster_side(dst):
             plan.append(("target.memory", lambda: _memory_check(src, dst, spec)))

@@ -222,8 +222,17 @@ class Connection:
     @classmethod
     async def open_endpoint(cls, ep: Endpoint, *, role: str, index: int = 0,
                             io_timeout: float | None = None) -> Connection:
-        host, port = ep.addrs[index]
-        return await cls.open(host, port, role=role, ep=ep, io_timeout=io_timeout)
+        """Connect to ``ep.addrs[index]``; with several addresses (a cluster's seeds), to
+        the first of them, from ``index`` on, that answers."""
+        errors: list[EndpointError] = []
+        for host, port in ep.addrs[index:] if len(ep.addrs) > 1 else ep.addrs[index:index + 1]:
+            try:
+                return await cls.open(host, port, role=role, ep=ep, io_timeout=io_timeout)
+            except EndpointError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise EndpointError(f"no {role} seed answered: " + "; ".join(e.message for e in errors))
 
     @property
     def tls(self) -> str:

@@ -26,7 +26,7 @@ import asyncio
 import time
 from binascii import crc_hqx
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import crossslot as cs
@@ -38,13 +38,17 @@ from .ratelimit import TokenBucket
 from .readers.psync import StreamPos
 from .resp import Connection, ReplyError, encode_into, parse_info
 from .spec import Endpoint
-from .topology import Topology, key_slot
+from .topology import HostMapping, Node, Topology, key_slot, show_addr
 from .writer import AckFn, Writer, show_key
 
 NODE_INFLIGHT = 4
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+ASKING = b"*1\r\n$6\r\nASKING\r\n"
+MERGE_ENTRIES = 8192
 RETRYABLE = ("OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+# the slot moved or is moving: the block goes again, where the cluster says
+REDIRECTS = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN")
 # Where the key is in the commands the snapshot sends (big-key chunks and their MULTI):
 # args[1] for all but XGROUP CREATE/CREATECONSUMER key ...
 KEY_AT = {b"XGROUP": 2, b"xgroup": 2}
@@ -60,7 +64,8 @@ class ClusterRouter:
     def __init__(self, topology: Topology, ep: Endpoint, *, progress: Progress,
                  replace: bool = True, limiter: TokenBucket | None = None,
                  io_timeout: float | None = None, marks: SlotMarkers | None = None,
-                 task_id: str = "", db_map: Callable[[int], int] = _to_db0) -> None:
+                 task_id: str = "", db_map: Callable[[int], int] = _to_db0,
+                 mapping: HostMapping | None = None) -> None:
         self.topology = topology
         self.ep = ep
         self.progress = progress
@@ -85,6 +90,11 @@ class ClusterRouter:
         self._refresh_next = 0
         self._stream_replid = ""
         self._idle = asyncio.Event()
+        self.mapping = mapping if mapping is not None else HostMapping()
+        self.slot_busy: dict[int, Block] = {}      # each slot's last block sent
+        self.open_blocks = 0                        # blocks sent and not yet applied
+        self._tg: asyncio.TaskGroup
+        self._release: Callable[[], Awaitable[None]]
 
     def resume(self, skip: dict[int, int]) -> None:
         """Resume the stream (no snapshot first): skip, per slot, what its marker holds."""
@@ -111,7 +121,7 @@ class ClusterRouter:
                 writer = Writer(conn, progress=self.progress, replace=self._replace,
                                 db_map=_to_db0, limiter=self.limiter)
                 self.writers.append(writer)
-                self.links.append(NodeLink(conn, writer, node.name, self))
+                self.links.append(NodeLink(conn, writer, node, self))
         except BaseException:
             self.close()
             raise
@@ -223,41 +233,99 @@ class ClusterRouter:
             async with lock:
                 while order and order[0][1] == 0:
                     batch = order.popleft()[0]
-                    if self.streaming and isinstance(batch.checkpoint, StreamPos) and \
-                            batch.keys < 0:
+                    if batch.keys < 0:
                         self.progress.ops_applied += -batch.keys - 1
                     await on_ack(batch)
-
-        async def collector(link: NodeLink) -> None:
-            while True:
-                while not link.inflight:
-                    link.wake.clear()
-                    await link.wake.wait()
-                parent = await link.collect()
-                parent[1] -= 1
-                link.space.set()
-                self._idle.set()
-                await release()
+        self._release = release
 
         async with asyncio.TaskGroup() as tg:
-            collectors = [tg.create_task(collector(link)) for link in self.links]
+            self._tg = tg
+            for link in self.links:
+                link.collector = tg.create_task(self._collect(link))
+            held: list[Batch | None] = []
             while True:
-                batch = await queue.get()
+                batch = held.pop() if held else await queue.get()
                 if batch is None:
                     break
-                item = [batch, 1]       # 1 until every part is sent
+                if self.marks is not None and self.streaming:
+                    batch = _merge_queued(batch, queue, held)
+                item: list[Any] = [batch, 1]       # 1 until every part is sent
                 order.append(item)
                 await self._route(batch, item)
                 item[1] -= 1
                 await release()
             await self._drain()
             await release()
-            for c in collectors:
-                c.cancel()
+            for link in self.links:
+                if link.collector is not None:
+                    link.collector.cancel()
+
+    async def _collect(self, link: NodeLink) -> None:
+        """Read one master's replies in order; a block refused because its slot moved is
+        sent again where the cluster says (MOVED, ASK) or a moment later (TRYAGAIN)."""
+        while True:
+            while not link.inflight:
+                link.wake.clear()
+                await link.wake.wait()
+            parent, refused = await link.collect()
+            for blk, reply in refused:
+                parent[1] += 1
+                self._tg.create_task(self._redirect(blk, reply, parent))
+            parent[1] -= 1
+            link.space.set()
+            self._idle.set()
+            await self._release()
+
+    async def _redirect(self, blk: Block, reply: Any, parent: list[Any]) -> None:
+        try:
+            msg = str(reply)
+            limit = self.io_timeout or 60.0
+            if time.monotonic() - blk.since > limit:
+                raise EndpointError(f"target cluster: slot {blk.slot} still refused after "
+                                    f"{limit:g}s: {msg}")
+            blk.tries += 1
+            blk.asking = False
+            words = msg.split()
+            if words[0] == "MOVED" and len(words) >= 3:
+                i = await self._link_at(words[2])
+                self.slot_node[blk.slot] = i
+            elif words[0] == "ASK" and len(words) >= 3:
+                i = await self._link_at(words[2])
+                blk.asking = True
+            else:       # TRYAGAIN (a slot half migrated), CLUSTERDOWN (a failover)
+                await asyncio.sleep(min(0.02 * blk.tries, 0.5))
+                i = self._owner(blk.slot)
+            await self.links[i].send_unit([blk], parent)
+        finally:
+            parent[1] -= 1
+            self._idle.set()
+            await self._release()
+
+    async def _link_at(self, addr: str) -> int:
+        """The link to the master announced at ``addr`` (connected when new: a master
+        added to the cluster)."""
+        for i, link in enumerate(self.links):
+            if show_addr(link.node.announced) == addr:
+                return i
+        host, _, port = addr.rpartition(":")
+        announced = (host.strip("[]"), int(port))
+        node = Node(node_id="", announced=announced, dial=self.mapping.dial(announced),
+                    role="master")
+        conn = await Connection.open(*node.dial, role="target", ep=self.ep,
+                                     io_timeout=self.io_timeout)
+        self.conns.append(conn)
+        writer = Writer(conn, progress=self.progress, replace=self._replace, db_map=_to_db0,
+                        limiter=self.limiter)
+        self.writers.append(writer)
+        link = NodeLink(conn, writer, node, self)
+        self.links.append(link)
+        link.collector = self._tg.create_task(self._collect(link))
+        return len(self.links) - 1
 
     async def _drain(self) -> None:
-        """Wait until every master has answered everything sent to it (a barrier)."""
-        while any(link.inflight for link in self.links):
+        """Wait until every master has answered everything sent to it, every refused
+        block applied where it belongs (a barrier)."""
+        while self.open_blocks or any(link.inflight for link in self.links):
             self._idle.clear()
             await self._idle.wait()
 
@@ -275,18 +343,40 @@ class ClusterRouter:
             if self.mark_all:
                 self.mark_all = False
                 value = self.marks.value(pos.replid, pos.offset, pos.db)
-                per_node: dict[int, list[int]] = {}
+                units: dict[int, list[Block]] = {}
                 for slot in range(SLOTS):
-                    per_node.setdefault(self._owner(slot), []).append(slot)
-                for i, slots in per_node.items():
-                    cmds = [[b"SET", self.marks.key(s), value] for s in slots]
-                    await self.links[i].send_unit([("plain", c) for c in cmds], item)
+                    blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]],
+                                          multi=False)
+                    units.setdefault(self._owner(slot), []).append(blk)
+                for i, unit in units.items():
+                    await self.links[i].send_unit(unit, item)
+
+    def restart_snapshot(self) -> None:
+        """The source answered a full resync: snapshot batches come again, and every slot
+        gets its marker once they are applied."""
+        self.streaming = False
+        self.mark_all = True
+        self.skip, self.skip_until = {}, -1
 
     def _owner(self, slot: int) -> int:
         i = self.slot_node[slot]
         if i < 0:
             raise TopologyChanged(f"target cluster: no master serves slot {slot}")
         return i
+
+    def _new_block(self, slot: int, cmds: list[list[bytes]], *, multi: bool = True) -> Block:
+        blk = Block(slot, cmds, multi, self)
+        self.slot_busy[slot] = blk
+        self.open_blocks += 1
+        return blk
+
+    async def _slot_free(self, slot: int) -> None:
+        """One block per slot in flight: a block refused by a moving slot is applied again
+        before the slot's next one is sent, so a slot never holds a later block without
+        an earlier one (its marker would claim both)."""
+        blk = self.slot_busy.get(slot)
+        if blk is not None and not blk.done:
+            await blk.wait()
 
     # --- the command stream -------------------------------------------------------------------
 
@@ -330,10 +420,12 @@ class ClusterRouter:
         marks = self.marks
         assert marks is not None
         value = marks.value(self._stream_replid, end, db)
-        units: dict[int, list[tuple[str, Any]]] = {}
+        for slot in blocks:
+            await self._slot_free(slot)
+        units: dict[int, list[Block]] = {}
         for slot, cmds in blocks.items():
             cmds.append([b"SET", marks.key(slot), value])
-            units.setdefault(self._owner(slot), []).append(("multi", cmds))
+            units.setdefault(self._owner(slot), []).append(self._new_block(slot, cmds))
         if refresh:
             # Markers of idle slots, in turn: none stays much older than the stream, so a
             # master that fails over never sends the resume back further than that.
@@ -343,9 +435,13 @@ class ClusterRouter:
                 self._refresh_at = now
                 for k in range(n):
                     slot = (self._refresh_next + k) % SLOTS
-                    if slot not in blocks:
-                        units.setdefault(self._owner(slot), []).append(
-                            ("plain", [b"SET", marks.key(slot), value]))
+                    busy = self.slot_busy.get(slot)
+                    if slot in blocks or (busy is not None and not busy.done) or \
+                            self._skipped(slot, end + 1):
+                        continue        # (a slot ahead of the replay keeps its marker)
+                    blk = self._new_block(slot, [[b"SET", marks.key(slot), value]],
+                                          multi=False)
+                    units.setdefault(self._owner(slot), []).append(blk)
                 self._refresh_next = (self._refresh_next + n) % SLOTS
         for i, unit in units.items():
             await self.links[i].send_unit(unit, item)
@@ -439,10 +535,10 @@ class ClusterRouter:
         marks = self.marks
         assert marks is not None
         cmds = [*cmds, [b"SET", marks.key(slot), marks.value(self._stream_replid, end, db)]]
-        link = self.links[self._owner(slot)]
-        holder = [None, 1]
-        await link.send_unit([("multi", cmds)], holder)
-        await self._drain()
+        await self._slot_free(slot)
+        blk = self._new_block(slot, cmds)
+        await self.links[self._owner(slot)].send_unit([blk], [None, 1])
+        await blk.wait()
 
     async def _on_all(self, args: list[bytes]) -> None:
         """FUNCTION / SCRIPT: on every master, in forms a replay may repeat."""
@@ -475,19 +571,91 @@ class ClusterRouter:
             if all(self._skipped(s, end) for s in slots):
                 continue
             cmds = [[b"FLUSHALL"], *([b"SET", marks.key(s), value] for s in slots)]
-            await self.links[i].send_unit([("multi", cmds)], [None, 1])
-        await self._drain()
+            # one transaction for the master's every slot: ordered behind slot 'slots[0]'
+            blk = self._new_block(slots[0], cmds)
+            await self.links[i].send_unit([blk], [None, 1])
+            await blk.wait()
+
+
+def _merge_queued(batch: Batch, queue: asyncio.Queue[Batch | None],
+                  held: list[Batch | None]) -> Batch:
+    """Fold stream batches already waiting into this one: one block per slot for all of
+    them (a busy stream then costs fewer transactions, and a slot waiting for its block in
+    flight gathers what comes meanwhile)."""
+    if not isinstance(batch.checkpoint, StreamPos):
+        return batch
+    entries: list[Entry] | None = None
+    checkpoint = batch.checkpoint
+    while not queue.empty() and len(entries or batch.entries) < MERGE_ENTRIES:
+        nxt = queue.get_nowait()
+        if nxt is None or not isinstance(nxt.checkpoint, StreamPos):
+            held.append(nxt)
+            break
+        if entries is None:
+            entries = list(batch.entries)
+        entries += nxt.entries
+        checkpoint = nxt.checkpoint
+    return batch if entries is None else Batch(entries, checkpoint, 0, 0)
+
+
+class Block:
+    """One slot's part of a batch (commands ending with the slot's marker, in one
+    MULTI/EXEC) or one marker refresh (a plain SET): sent, perhaps refused by a moving
+    slot and sent again, done once applied."""
+
+    __slots__ = ("slot", "cmds", "multi", "asking", "done", "event", "tries", "since",
+                 "router")
+
+    def __init__(self, slot: int, cmds: list[list[bytes]], multi: bool,
+                 router: ClusterRouter) -> None:
+        self.slot = slot
+        self.cmds = cmds
+        self.multi = multi
+        self.asking = False
+        self.done = False
+        self.event: asyncio.Event | None = None
+        self.tries = 0
+        self.since = time.monotonic()
+        self.router = router
+
+    @property
+    def replies(self) -> int:
+        return (len(self.cmds) + 2 if self.multi else len(self.cmds)) + self.asking
+
+    def encode(self, parts: list[bytes]) -> None:
+        if self.asking:
+            parts.append(ASKING)
+        if self.multi:
+            parts.append(MULTI)
+        for c in self.cmds:
+            encode_into(parts, c)
+        if self.multi:
+            parts.append(EXEC)
+
+    def finish(self) -> None:
+        self.done = True
+        self.router.open_blocks -= 1
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self) -> None:
+        if not self.done:
+            if self.event is None:
+                self.event = asyncio.Event()
+            await self.event.wait()
 
 
 class NodeLink:
     """One master's connection: snapshot batches through its Writer, stream units
     (MULTI/EXEC blocks and plain commands) encoded here, answered in the order sent."""
 
-    def __init__(self, conn: Connection, writer: Writer, name: str,
+    def __init__(self, conn: Connection, writer: Writer, node: Node,
                  router: ClusterRouter) -> None:
         self.conn = conn
         self.writer = writer
-        self.name = name
+        self.node = node
+        self.name = node.name
+        self.collector: asyncio.Task[None] | None = None
         self.router = router
         # ("w", None, parent): a Writer batch; ("u", unit, parent): a stream unit
         self.inflight: deque[tuple[str, Any, list[Any]]] = deque()
@@ -506,17 +674,11 @@ class NodeLink:
         self.inflight.append(("w", None, parent))
         self.wake.set()
 
-    async def send_unit(self, unit: list[tuple[str, Any]], parent: list[Any]) -> None:
+    async def send_unit(self, unit: list[Block], parent: list[Any]) -> None:
         await self._room()
         parts: list[bytes] = []
-        for kind, cmds in unit:
-            if kind == "multi":
-                parts.append(MULTI)
-                for c in cmds:
-                    encode_into(parts, c)
-                parts.append(EXEC)
-            else:
-                encode_into(parts, cmds)
+        for blk in unit:
+            blk.encode(parts)
         data = b"".join(parts)
         limiter = self.router.limiter
         if limiter is not None:
@@ -528,39 +690,57 @@ class NodeLink:
         self.inflight.append(("u", unit, parent))
         self.wake.set()
 
-    async def collect(self) -> list[Any]:
+    async def collect(self) -> tuple[list[Any], list[tuple[Block, Any]]]:
+        """Read the replies of the oldest unit in flight: (its parent, the blocks refused
+        because their slot moved, each with its reply)."""
         kind, unit, parent = self.inflight[0]
+        refused: list[tuple[Block, Any]] = []
         if kind == "w":
             await self.writer.collect()
         else:
-            n = sum(len(c) + 2 if k == "multi" else 1 for k, c in unit)
-            self.check(unit, await self.conn.read_replies(n))
+            replies = await self.conn.read_replies(sum(blk.replies for blk in unit))
+            at = 0
+            for blk in unit:
+                n = blk.replies
+                bad = self.check(blk, replies[at:at + n])
+                at += n
+                if bad is None:
+                    blk.finish()
+                else:
+                    refused.append((blk, bad))
         self.inflight.popleft()
-        return parent
+        return parent, refused
 
-    def check(self, unit: list[tuple[str, Any]], replies: list[Any]) -> None:
-        """Every command of a unit must have been applied; a transaction refused at queue
-        time (MOVED, ASK, CROSSSLOT, OOM ...) was not applied at all."""
-        at = 0
-        for kind, cmds in unit:
-            if kind == "plain":
-                if replies[at].__class__ is ReplyError:
-                    raise self.error(cmds, replies[at])
-                at += 1
-                continue
-            queued = replies[at + 1:at + 1 + len(cmds)]
-            result = replies[at + 1 + len(cmds)]
-            at += len(cmds) + 2
-            for cmd, r in zip(cmds, queued):
+    def check(self, blk: Block, replies: list[Any]) -> Any:
+        """None when the block was applied; the reply when its slot moved (nothing of the
+        transaction was applied: it goes where the cluster says); raise otherwise."""
+        if blk.asking:
+            replies = replies[1:]       # ASKING's OK
+        if not blk.multi:
+            for cmd, r in zip(blk.cmds, replies):
                 if r.__class__ is ReplyError:
-                    raise self.error(cmd, r)
-            if result.__class__ is ReplyError or not isinstance(result, list):
-                raise self.error([b"EXEC"], result)
-            for cmd, r in zip(cmds, result):
-                if r.__class__ is ReplyError:
-                    raise FatalTaskError(f"target cluster node {self.name}: {cs.show(cmd)} "
-                                         f"failed inside its transaction: {r} (the target "
-                                         f"differs from the source)")
+                    return self._moved(cmd, r)
+            return None
+        cmds = blk.cmds
+        queued, result = replies[1:1 + len(cmds)], replies[1 + len(cmds)]
+        for cmd, r in zip(cmds, queued):
+            if r.__class__ is ReplyError:
+                return self._moved(cmd, r)
+        if replies[0].__class__ is ReplyError:
+            return self._moved([b"MULTI"], replies[0])
+        if result.__class__ is ReplyError or not isinstance(result, list):
+            return self._moved([b"EXEC"], result)
+        for cmd, r in zip(cmds, result):
+            if r.__class__ is ReplyError:
+                raise FatalTaskError(f"target cluster node {self.name}: {cs.show(cmd)} "
+                                     f"failed inside its transaction: {r} (the target "
+                                     f"differs from the source)")
+        return None
+
+    def _moved(self, cmd: list[bytes], reply: Any) -> Any:
+        if str(reply).startswith(REDIRECTS):
+            return reply
+        raise self.error(cmd, reply)
 
     def error(self, cmd: list[bytes], reply: Any) -> EndpointError | FatalTaskError:
         msg = str(reply)

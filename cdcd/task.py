@@ -19,6 +19,7 @@ from .errors import (
     FatalTaskError,
     MigrationError,
     StoreError,
+    TopologyChanged,
 )
 from .identity import find_conflict, same_server
 from .markers import Markers, SlotMarkers, Verdict, choose_db, is_cdcd_key
@@ -42,6 +43,8 @@ QUEUE_BATCHES = 8
 CHECKPOINT_EVERY = 1.0
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+HEALTHY_RUN = 60.0         # an attempt that ran this long resets the backoff
+TOPOLOGY_RETRY = 0.2       # seconds before going on after MOVED/ASK
 WATCH_EVERY = 5.0          # seconds between looks at the target (eviction, liveness)
 POLICY_EVERY = 12          # looks between reads of its maxmemory-policy (INFO memory)
 MAX_TEXT = 2000            # reason / last_error are cut to this many characters
@@ -285,10 +288,13 @@ class Task:
     async def _attempts(self) -> None:
         delay = BACKOFF_START
         while True:
+            began = time.monotonic()
             try:
                 await self._pipeline()
                 return
             except MigrationError as exc:
+                if time.monotonic() - began > HEALTHY_RUN:
+                    delay = BACKOFF_START      # it ran well for a while: a new outage
                 self.record_error(exc.message)
                 log.warning("task %s: %s", self.spec.task_id, exc.message)
                 if (not exc.retryable or self.spec.resume_mode == "manual"
@@ -302,10 +308,13 @@ class Task:
                 self.updated_at = now_iso()
                 await self.persist_quietly()
                 wait = delay * (0.5 + random.random() / 2)
+                if isinstance(exc, TopologyChanged):
+                    wait = TOPOLOGY_RETRY      # a resharding: go on with the new shape now
+                else:
+                    delay = min(delay * 2, BACKOFF_MAX)
                 log.info("task %s: retry %d in %.1f s", self.spec.task_id,
                          self.progress.retries, wait)
                 await asyncio.sleep(wait)
-                delay = min(delay * 2, BACKOFF_MAX)
 
     @property
     def fresh(self) -> bool:
@@ -515,6 +524,8 @@ class Task:
                              "(run verify)")
                 self.set_note(note)
             reader.replace = writer.replace = self._replace(redo)
+            if router is not None:
+                router.restart_snapshot()
             p = self.progress
             p.begin_snapshot(keys_total)
             p.source_offset = p.applied_offset = offset
@@ -709,7 +720,8 @@ class Task:
                                replace=replace, limiter=self.bandwidth,
                                io_timeout=float(self.spec.link_timeout_s),
                                marks=self.slot_markers if marks else None,
-                               task_id=self.spec.task_id, db_map=self.spec.target_db)
+                               task_id=self.spec.task_id, db_map=self.spec.target_db,
+                               mapping=HostMapping(self.spec.target.host_mapping))
         await router.open()
         self._closers.append(router.close)
         return router

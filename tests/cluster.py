@@ -191,6 +191,40 @@ class Cluster:
         raise LookupError(f"no node serves slot {slot}")
 
 
+    def node_id(self, node: RedisServer) -> str:
+        raw = node.client().execute_command("CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def move_slots(self, source: RedisServer, dest: RedisServer, slots: range,
+                   on_slot: Any = None) -> int:
+        """Reshard by hand, as redis-cli --cluster reshard does: per slot IMPORTING /
+        MIGRATING, MIGRATE its keys in groups, then SETSLOT NODE on every master.
+        Return how many keys moved."""
+        src_id, dst_id = self.node_id(source), self.node_id(dest)
+        sc, dc = source.client(), dest.client()
+        moved = 0
+        for slot in slots:
+            dc.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            sc.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = sc.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 50)
+                if not keys:
+                    break
+                sc.execute_command("MIGRATE", "127.0.0.1", dest.port, "", 0, 5000,
+                                   "REPLACE", "KEYS", *keys)
+                moved += len(keys)
+            for node in self.masters:
+                if node.proc is not None and node.proc.poll() is None:
+                    try:
+                        node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE",
+                                                      dst_id)
+                    except redis.ResponseError:
+                        pass    # a replica promoted meanwhile, or not a master any more
+            if on_slot is not None:
+                on_slot(slot)
+        return moved
+
+
 @contextlib.contextmanager
 def running_cluster(flavour: str = "redis7", **kw: Any) -> Iterator[Cluster]:
     cluster = Cluster(flavour, **kw)

@@ -5,6 +5,7 @@ a resharding of the target under load."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -66,3 +67,103 @@ def test_incremental_into_a_cluster_with_cross_slot_commands(flavour: str, serve
         daemon.ok("delete", {"task_id": "inc", "purge_markers": True})
         assert not markers(cluster)
         assert_same(src.client(), cluster.client())
+
+
+def counters_exact(src: Any, cluster: Any) -> None:
+    """Counters and lists: a command applied twice or lost shows as a difference."""
+    same(src, cluster)
+    s, c = src.client(), cluster.client()
+    for i in range(50):
+        assert s.get(f"counter:{i}") == c.get(f"counter:{i}"), i
+    for i in range(20):
+        assert s.lrange(f"list:{i}", 0, -1) == c.lrange(f"list:{i}", 0, -1), i
+
+
+BACKLOG = ["--repl-backlog-size", "256mb"]
+
+
+def test_daemon_kill_under_load_into_a_cluster(servers: Any, daemon: Daemon) -> None:
+    src = servers(args=BACKLOG)
+    with running_cluster("redis7", replicas=0) as cluster:
+        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="kill"))
+        wait_for(lambda: daemon.task("kill")["phase"] == "incremental", 60,
+                 what="the stream phase")
+        with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
+            for _ in range(3):
+                wait_for(lambda: daemon.task("kill")["progress"]["incremental"]
+                         ["ops_applied"] > 2000, 30, what="the stream applying")
+                daemon.kill()
+                daemon.start()
+        assert load.ops > 3000
+        caught_up(daemon, "kill")
+        counters_exact(src, cluster)
+        view = daemon.task("kill")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        assert view["state"] == "Running"
+
+
+def test_target_failovers_under_load(servers: Any, daemon: Daemon) -> None:
+    src = servers(args=BACKLOG)
+    with running_cluster("redis7", replicas=1) as cluster:
+        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="fo"))
+        wait_for(lambda: daemon.task("fo")["phase"] == "incremental", 60,
+                 what="the stream phase")
+        with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
+            time.sleep(1)
+            # a graceful failover: the replica of master 0 takes over
+            replica = cluster.replicas[0]
+            replica.client().execute_command("CLUSTER", "FAILOVER")
+            wait_for(lambda: replica.client().info("replication")["role"] == "master", 30,
+                     what="the replica taking over")
+            time.sleep(2)
+            # a crash: master 1 killed, its replica promoted by the cluster
+            cluster.masters[1].kill()
+            promoted = cluster.replicas[1]
+            wait_for(lambda: promoted.client().info("replication")["role"] == "master", 30,
+                     what="the cluster promoting the replica")
+            time.sleep(2)
+        assert load.ops > 2000
+        wait_for(lambda: daemon.task("fo")["progress"]["incremental"]["lag_bytes"] == 0 and
+                 daemon.task("fo")["reason"].find("retrying") < 0, 90,
+                 what="the task catching up after the failovers")
+        counters_exact(src, cluster)
+        view = daemon.task("fo")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        nodes = {t["dial"] for t in view["target_topology"]}
+        assert replica.addr in nodes and promoted.addr in nodes
+
+
+def test_resharding_the_target_under_load(servers: Any, daemon: Daemon) -> None:
+    src = servers(args=BACKLOG)
+    fill_mixed(src.client(), big=False)
+    with running_cluster("redis7", replicas=0) as cluster:
+        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="rs"))
+        wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60,
+                 what="the stream phase")
+        with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
+            a, b = cluster.masters[0], cluster.masters[1]
+            moved = cluster.move_slots(a, b, range(0, 2000))
+            time.sleep(1)
+            moved += cluster.move_slots(b, a, range(0, 500))
+        assert moved > 100 and load.ops > 2000
+        wait_for(lambda: daemon.task("rs")["progress"]["incremental"]["lag_bytes"] == 0 and
+                 "retrying" not in daemon.task("rs")["reason"], 90,
+                 what="the task catching up after the resharding")
+        counters_exact(src, cluster)
+        view = daemon.task("rs")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        assert len(markers(cluster)) == 16384
+
+
+def test_scan_reader_incremental_into_a_cluster(servers: Any, daemon: Daemon) -> None:
+    """The scan reader (no PSYNC on the source) follows changes into a cluster too: it
+    copies values, so its guarantees are its own (README), and it writes no markers."""
+    src = servers(args=["--notify-keyspace-events", "KA"])
+    fill_mixed(src.client(), big=False)
+    with running_cluster("redis7", replicas=0) as cluster:
+        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="scan", reader="scan"))
+        wait_for(lambda: daemon.task("scan")["phase"] == "incremental", 60,
+                 what="the stream phase")
+        Load(lambda db: src.client(), dbs=(0,), kinds="mixed", max_ops=2000).run_all()
+        same(src, cluster)
+        assert not markers(cluster)
