@@ -626,6 +626,47 @@ class Bench:
                  f"{n / r['seconds']:,.0f} keys/s; daemon cpu {r['cpu_seconds']:.1f} s)",
                  "<= 1.0", verdict(ratio <= 1.0))
 
+    def _cluster_drain_row(self, src: RedisServer, api: Api,
+                           benchmark: Callable[[], tuple[float, float, float]],
+                           standalone_rate: float | None) -> None:
+        """(e) The (d) drain into a 3-master cluster target: every slot's part of a batch
+        is one MULTI/EXEC with its marker, as a ratio to the standalone target's rate."""
+        S = "incremental"
+        metric = "(e) apply capacity into a 3-master cluster target / standalone target"
+        sc = src.client()
+        cluster = None
+        try:
+            cluster = Cluster(replicas=0).start()
+            task_id = api.ok("create", {
+                "task_id": "bench-cluster-incremental", "source": {"addrs": src.addr},
+                "target": {"addrs": cluster.addrs},
+                "migration_method": "incremental_migration", "reader": "psync"})["task_id"]
+            self._wait_phase(api, task_id, "incremental", 300)
+
+            def view() -> dict[str, Any]:
+                return dict(api.task(task_id)["progress"]["incremental"])
+            self._wait(lambda: view()["lag_bytes"] == 0, 300, "the cluster task to catch up")
+            api.ok("pause", {"task_id": task_id})
+            self._wait(lambda: api.task(task_id)["state"] == "Paused", 30, "pause")
+            ops0 = view()["ops_applied"]
+            benchmark()
+            end_offset = int(sc.info("replication")["master_repl_offset"])
+            t0 = time.perf_counter()
+            api.ok("resume", {"task_id": task_id})
+            self._wait(lambda: view()["applied_offset"] >= end_offset, 600, "the drain")
+            drain = time.perf_counter() - t0
+            rate = (view()["ops_applied"] - ops0) / drain
+            api.ok("delete", {"task_id": task_id})
+            self.results["incremental"]["cluster_drain"] = {"rate": rate, "seconds": drain}
+            ratio = rate / standalone_rate if standalone_rate else None
+            self.row(S, metric, (f"{ratio:.2f} " if ratio else "") + f"({fmt_rate(rate)} over "
+                     f"{fmt_s(drain)})", ">= 0.7", verdict(bool(ratio and ratio >= 0.7)))
+        except (NotAvailable, TimeoutError, AssertionError) as exc:
+            self.unavailable(S, metric, exc, ">= 0.7")
+        finally:
+            if cluster is not None:
+                cluster.stop()
+
     def _memory_rows_from(self, res: dict[str, Any], n: int) -> None:
         mem = self.results.setdefault("memory", {})
         for reader in ("psync", "scan"):
@@ -858,6 +899,7 @@ class Bench:
                      ">= 0.7", verdict(rate / alone >= 0.7 and drained >= nreq))
         except (NotAvailable, TimeoutError) as exc:
             self.unavailable(S, "(d) apply capacity", exc, ">= 0.7")
+        self._cluster_drain_row(src, api, benchmark, out.get("drain", {}).get("rate"))
 
         # (c) a paced mixed load: view lag_ms and end-to-end lag, with a native replica too
         rate = 50_000

@@ -24,7 +24,8 @@ Everything here is pure: no I/O, so it is tested without servers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .topology import key_slot
 
@@ -54,15 +55,26 @@ KEYLESS = {b"PUBLISH"}          # no key: goes with slot 0's part of the batch
 class Plan:
     kind: int
     slot: int = 0
-    # SPLIT: (slot, command) parts; STORE: the command with (argument index, source key)
-    # of each source outside the destination's slot
-    parts: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    # SPLIT: (slot, command) parts; STORE: (argument index, source key) of each source
+    # outside the destination's slot
+    parts: Sequence[tuple[int, list[bytes]]] = ()
     src: bytes = b""
     dst: bytes = b""
     dst_slot: int = 0
     src_slot: int = 0
-    foreign: list[tuple[int, bytes]] = field(default_factory=list)
+    foreign: Sequence[tuple[int, bytes]] = ()
     why: str = ""
+
+
+# Commands of the replication stream with exactly one key, at args[1]: the router takes
+# their slot without building a Plan (most of a stream is these).
+_SINGLE = ("SET SETNX SETEX PSETEX GETSET GETDEL GETEX APPEND SETRANGE SETBIT INCR INCRBY "
+           "DECR DECRBY INCRBYFLOAT HSET HMSET HSETNX HDEL HINCRBY HINCRBYFLOAT LPUSH RPUSH "
+           "LPUSHX RPUSHX LPOP RPOP LSET LTRIM LREM LINSERT SADD SREM SPOP ZADD ZREM ZINCRBY "
+           "ZREMRANGEBYSCORE ZREMRANGEBYRANK ZREMRANGEBYLEX ZPOPMIN ZPOPMAX XADD XDEL XTRIM "
+           "XACK XCLAIM XAUTOCLAIM XSETID PEXPIREAT EXPIREAT PEXPIRE EXPIRE PERSIST RESTORE "
+           "PFADD GEOADD").split()
+SINGLE_KEY = frozenset([n.encode() for n in _SINGLE] + [n.lower().encode() for n in _SINGLE])
 
 
 def _name(args: list[bytes]) -> bytes:

@@ -92,7 +92,10 @@ class ClusterRouter:
         self._idle = asyncio.Event()
         self.mapping = mapping if mapping is not None else HostMapping()
         self.slot_busy: dict[int, Block] = {}      # each slot's last block sent
-        self.open_blocks = 0                        # blocks sent and not yet applied
+        self.deferred: dict[int, Deferred] = {}    # blocks waiting for their slot's
+        self.ready: list[int] = []                  # slots whose deferred block may go
+        self.flush_ready = asyncio.Event()
+        self.open_blocks = 0                        # blocks not yet applied
         self._tg: asyncio.TaskGroup
         self._release: Callable[[], Awaitable[None]]
 
@@ -242,6 +245,7 @@ class ClusterRouter:
             self._tg = tg
             for link in self.links:
                 link.collector = tg.create_task(self._collect(link))
+            flusher = tg.create_task(self._flush_deferred())
             held: list[Batch | None] = []
             while True:
                 batch = held.pop() if held else await queue.get()
@@ -256,6 +260,7 @@ class ClusterRouter:
                 await release()
             await self._drain()
             await release()
+            flusher.cancel()
             for link in self.links:
                 if link.collector is not None:
                     link.collector.cancel()
@@ -275,6 +280,29 @@ class ClusterRouter:
             link.space.set()
             self._idle.set()
             await self._release()
+
+    async def _flush_deferred(self) -> None:
+        """Send the blocks that waited for their slot's previous block, once it is done."""
+        while True:
+            while not self.ready:
+                self.flush_ready.clear()
+                await self.flush_ready.wait()
+            slots, self.ready = self.ready, []
+            units: dict[int, list[Block]] = {}
+            marks = self.marks
+            assert marks is not None
+            for slot in slots:
+                d = self.deferred.pop(slot, None)
+                if d is None:
+                    continue
+                d.cmds.append([b"SET", marks.key(slot), d.value])
+                blk = Block(slot, d.cmds, True, self)      # counted when deferred
+                blk.parents = d.parents
+                self.slot_busy[slot] = blk
+                units.setdefault(self._owner(slot), []).append(blk)
+            for i, unit in units.items():
+                await self.links[i].send_unit(unit, [None, 1])
+            self._idle.set()
 
     async def _redirect(self, blk: Block, reply: Any, parent: list[Any]) -> None:
         try:
@@ -389,13 +417,29 @@ class ClusterRouter:
         self._stream_replid = pos.replid
         blocks: dict[int, list[list[bytes]]] = {}
         skipping = self.skip_until >= 0
+        skip = self.skip
+        single = cs.SINGLE_KEY
         last_end, last_db = pos.offset, pos.db
+        ok_db = -1
         for entry in batch.entries:
             args, db, end = entry[2], entry[1], entry[3]
-            if self.db_map(db) != 0:
-                raise FatalTaskError(f"source db {db} has keys but a Redis Cluster has db 0 "
-                                     f"only: map it with db_mapping {{\"{db}\": 0}} or leave "
-                                     f"it out with filter.dbs ({cs.show(args)})")
+            if db != ok_db:
+                if self.db_map(db) != 0:
+                    raise FatalTaskError(f"source db {db} has keys but a Redis Cluster has db "
+                                         f"0 only: map it with db_mapping {{\"{db}\": 0}} or "
+                                         f"leave it out with filter.dbs ({cs.show(args)})")
+                ok_db = db
+            if args[0] in single and len(args) > 1:      # the common case, inline
+                key = args[1]
+                slot = crc_hqx(key, 0) & 16383 if b"{" not in key else key_slot(key)
+                if not skipping or end > skip.get(slot, -1):
+                    block = blocks.get(slot)
+                    if block is None:
+                        blocks[slot] = [args]
+                    else:
+                        block.append(args)
+                last_end, last_db = end, db
+                continue
             p = cs.plan(args)
             if p.kind == cs.ONE:
                 if not skipping or end > self.skip.get(p.slot, -1):
@@ -420,12 +464,31 @@ class ClusterRouter:
         marks = self.marks
         assert marks is not None
         value = marks.value(self._stream_replid, end, db)
-        for slot in blocks:
-            await self._slot_free(slot)
+        busy = self.slot_busy
+        deferred = self.deferred
         units: dict[int, list[Block]] = {}
+        slot_node = self.slot_node
+        key = marks.key
         for slot, cmds in blocks.items():
-            cmds.append([b"SET", marks.key(slot), value])
-            units.setdefault(self._owner(slot), []).append(self._new_block(slot, cmds))
+            prev = busy.get(slot)
+            if (prev is not None and not prev.done) or slot in deferred:
+                # The slot's last block is still in flight: this one waits behind it (one
+                # block per slot in flight), merged with any other waiting there.
+                d = deferred.get(slot)
+                if d is None:
+                    d = deferred[slot] = Deferred()
+                    self.open_blocks += 1
+                d.cmds.extend(cmds)
+                d.value = value
+                d.parents.append(item)
+                item[1] += 1
+                continue
+            cmds.append([b"SET", key(slot), value])
+            i = slot_node[slot]
+            unit = units.get(i)
+            if unit is None:
+                unit = units[i] = []
+            unit.append(self._new_block(slot, cmds))
         if refresh:
             # Markers of idle slots, in turn: none stays much older than the stream, so a
             # master that fails over never sends the resume back further than that.
@@ -435,9 +498,9 @@ class ClusterRouter:
                 self._refresh_at = now
                 for k in range(n):
                     slot = (self._refresh_next + k) % SLOTS
-                    busy = self.slot_busy.get(slot)
-                    if slot in blocks or (busy is not None and not busy.done) or \
-                            self._skipped(slot, end + 1):
+                    busy_blk = self.slot_busy.get(slot)
+                    if slot in blocks or (busy_blk is not None and not busy_blk.done) or \
+                            slot in deferred or self._skipped(slot, end + 1):
                         continue        # (a slot ahead of the replay keeps its marker)
                     blk = self._new_block(slot, [[b"SET", marks.key(slot), value]],
                                           multi=False)
@@ -598,13 +661,24 @@ def _merge_queued(batch: Batch, queue: asyncio.Queue[Batch | None],
     return batch if entries is None else Batch(entries, checkpoint, 0, 0)
 
 
+class Deferred:
+    """A slot's commands waiting for the slot's block in flight (see _send_blocks)."""
+
+    __slots__ = ("cmds", "value", "parents")
+
+    def __init__(self) -> None:
+        self.cmds: list[list[bytes]] = []
+        self.value = b""
+        self.parents: list[list[Any]] = []
+
+
 class Block:
     """One slot's part of a batch (commands ending with the slot's marker, in one
     MULTI/EXEC) or one marker refresh (a plain SET): sent, perhaps refused by a moving
     slot and sent again, done once applied."""
 
     __slots__ = ("slot", "cmds", "multi", "asking", "done", "event", "tries", "since",
-                 "router")
+                 "router", "parents")
 
     def __init__(self, slot: int, cmds: list[list[bytes]], multi: bool,
                  router: ClusterRouter) -> None:
@@ -617,6 +691,7 @@ class Block:
         self.tries = 0
         self.since = time.monotonic()
         self.router = router
+        self.parents: list[list[Any]] | None = None    # batches held by a deferred block
 
     @property
     def replies(self) -> int:
@@ -634,9 +709,16 @@ class Block:
 
     def finish(self) -> None:
         self.done = True
-        self.router.open_blocks -= 1
+        router = self.router
+        router.open_blocks -= 1
         if self.event is not None:
             self.event.set()
+        if self.parents is not None:
+            for parent in self.parents:
+                parent[1] -= 1
+        if self.slot in router.deferred:
+            router.ready.append(self.slot)
+            router.flush_ready.set()
 
     async def wait(self) -> None:
         if not self.done:

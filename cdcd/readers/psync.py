@@ -74,6 +74,10 @@ STREAM_SPECIAL = frozenset((b"select", b"publish", b"ping", b"replconf", b"multi
                             b"eval", b"evalsha", b"script"))
 
 
+# Commands CommandFilter.apply may rewrite even when it filters nothing.
+NEEDS_FILTER = frozenset((b"flushall", b"swapdb", b"move", b"copy"))
+
+
 def command_size(args: list[bytes]) -> int:
     """Bytes a command takes in the replication stream (the master sends canonical RESP).
 
@@ -360,7 +364,8 @@ class PsyncReader:
         """
         parser = hiredis.Reader()
         gets = parser.gets
-        raw = self.filter.trivial and not self.parse
+        trivial = self.filter.trivial
+        raw = trivial and not self.parse
         start = self.offset     # offset where the current batch began
         buf = bytearray()       # with raw: the stream's bytes from ``start`` on
         if self._buf:
@@ -448,8 +453,11 @@ class PsyncReader:
                 if name == b"eval" or name == b"evalsha" or name == b"script":
                     args = self._script(args)
                 target = in_multi if in_multi is not None else entries
-                for db, cmd in flt.apply(self.db, args):
-                    target.append((COMMAND, db, cmd, offset))
+                if trivial and name not in NEEDS_FILTER:
+                    target.append((COMMAND, self.db, args, offset))
+                else:
+                    for db, cmd in flt.apply(self.db, args):
+                        target.append((COMMAND, db, cmd, offset))
                 if in_multi is None and (len(entries) >= BATCH_ENTRIES or
                                          offset - start >= BATCH_BYTES):
                     self.offset = start = offset
