@@ -637,6 +637,14 @@ class Task:
                 for i, conn in enumerate(conns):
                     last[i] = await self._look_at_target(conn, last[i],
                                                          policy=rounds % POLICY_EVERY == 0)
+                if self.topology is not None and rounds % POLICY_EVERY == POLICY_EVERY - 1:
+                    # The view follows reshardings and failovers the writer followed.
+                    try:
+                        self.topology = await discover(
+                            spec.target, HostMapping(spec.target.host_mapping), role="target")
+                    except EndpointError as exc:
+                        log.info("task %s: target topology not refreshed: %s",
+                                 spec.task_id, exc.message)
                 rounds += 1
                 await asyncio.sleep(WATCH_EVERY)
         finally:
