@@ -30,10 +30,13 @@ Addr = tuple[str, int]
 async def target_run_id(endpoint: Endpoint, timeout: float = 3.0) -> str | None:
     """Return the run_id (INFO server) of the endpoint's first address, or None when it
     cannot be had within ``timeout`` seconds (unreachable, wrong password, INFO refused)."""
-    host, port = endpoint.addrs[0]
     conn: Connection | None = None
     try:
         async with asyncio.timeout(timeout):
+            if endpoint.sentinel is not None:
+                from .sentinel import resolve
+                endpoint = await resolve(endpoint, "target")
+            host, port = endpoint.addrs[0]
             conn = await Connection.open(host, port, role="target", ep=endpoint,
                                          timeout=timeout)
             info = parse_info(await conn.call("INFO", "server", timeout=timeout))

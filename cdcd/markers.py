@@ -79,7 +79,8 @@ class Markers:
 
     def command(self, pos: StreamPos) -> list[bytes]:
         """The command that records ``pos``, sent in ``db`` inside the batch's MULTI/EXEC."""
-        return [b"SET", self.key, f"{pos.replid} {pos.offset} {pos.db}".encode()]
+        data = f" {pos.data}" if pos.data >= 0 else ""
+        return [b"SET", self.key, f"{pos.replid} {pos.offset} {pos.db}{data}".encode()]
 
     async def read(self, conn: Connection) -> StreamPos | None:
         """Read the position the target holds (None when it has no marker)."""
@@ -88,8 +89,11 @@ class Markers:
         if not raw:
             return None
         try:
-            replid, offset, db = raw.decode().split()
-            return StreamPos(replid=replid, offset=int(offset), db=int(db))
+            replid, offset, db, *data = raw.decode().split()
+            if len(data) > 1:
+                raise ValueError(raw)
+            return StreamPos(replid=replid, offset=int(offset), db=int(db),
+                             data=int(data[0]) if data else -1)
         except ValueError:
             raise FatalTaskError(f"{conn.name}: checkpoint key {self.key.decode()} holds "
                                  f"{raw[:60]!r}, not a cdcd checkpoint") from None

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import hiredis
 
+from . import sentinel
 from .errors import CdcdError
 from .identity import resolve_async
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
@@ -194,7 +195,7 @@ class _Side:
         self.role = role
         self.ep = ep
         self.timeout = command_timeout
-        self.host, self.port = ep.addrs[0]
+        self.host, self.port = ep.addrs[0] if ep.addrs else ("?", 0)
         self.conn: Connection | None = None
         self.lock = asyncio.Lock()
         self.broken = ""
@@ -872,12 +873,24 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
     ``source_run_id`` and ``target_run_id`` (INFO server; None when a side is unreachable
     or refuses INFO), so the caller learns which servers it checked.
     """
+    unresolved: dict[str, str] = {}
+    try:
+        spec = dataclasses.replace(spec, source=await sentinel.resolve(spec.source, "source"))
+    except CdcdError as exc:
+        unresolved["source"] = exc.message
+    try:
+        spec = dataclasses.replace(spec, target=await sentinel.resolve(spec.target, "target"))
+    except CdcdError as exc:
+        unresolved["target"] = exc.message
     src = _Side("source", spec.source, command_timeout)
     dst = _Side("target", spec.target, command_timeout)
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(src.connect(connect_timeout))
-            tg.create_task(dst.connect(connect_timeout))
+            for side in (src, dst):
+                if side.role in unresolved:
+                    side.connect_error = unresolved[side.role]
+                else:
+                    tg.create_task(side.connect(connect_timeout))
         if identity_out is not None:
             identity_out["source_run_id"] = src.info.get("run_id") or None
             identity_out["target_run_id"] = dst.info.get("run_id") or None

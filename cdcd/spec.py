@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import re
 import urllib.parse
@@ -48,6 +47,32 @@ MAX_DB = 15_999
 
 
 @dataclass(frozen=True, kw_only=True)
+class Sentinel:
+    """A deployment managed by Sentinel: ask these sentinels where master ``master_name``
+    is (``SENTINEL get-master-addr-by-name``) at every connect."""
+
+    addrs: tuple[tuple[str, int], ...]
+    master_name: str
+    username: str = ""
+    password: Secret = ""
+
+    @property
+    def display(self) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addrs)
+
+    def password_bytes(self) -> bytes:
+        return reveal(self.password, "sentinel password")
+
+    def to_json(self, *, mask: bool) -> dict[str, Any]:
+        if isinstance(self.password, SecretRef):
+            password: Any = self.password.to_json()
+        else:
+            password = MASK if self.password and mask else self.password
+        return {"addrs": self.display, "master_name": self.master_name,
+                "username": self.username, "password": password}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Endpoint:
     """Where a Redis deployment is, how to log in and how to speak TLS to it.
 
@@ -67,6 +92,9 @@ class Endpoint:
     # Cluster nodes that announce an address cdcd cannot dial: {"announced": "dial"}, each
     # "host:port" or a bare host (cdcd.topology.HostMapping reads it).
     host_mapping: dict[str, str] = field(default_factory=dict)
+    # Managed by Sentinel: ``addrs`` is then the master's address found at the last
+    # connect (empty before the first), never stored.
+    sentinel: Sentinel | None = None
 
     def __repr__(self) -> str:
         pw = self.password if isinstance(self.password, SecretRef) else \
@@ -77,7 +105,11 @@ class Endpoint:
 
     @property
     def display(self) -> str:
-        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addrs)
+        addrs = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addrs)
+        if self.sentinel is None:
+            return addrs
+        return (f"master {self.sentinel.master_name} of sentinel {self.sentinel.display}"
+                + (f" (now {addrs})" if addrs else ""))
 
     def password_bytes(self, role: str) -> bytes:
         """Return the password's value now (a reference is read again at every connect)."""
@@ -90,8 +122,10 @@ class Endpoint:
             password: Any = self.password.to_json()
         else:
             password = MASK if self.password and mask else self.password
+        where: dict[str, Any] = {"addrs": self.display} if self.sentinel is None else \
+            {"sentinel": self.sentinel.to_json(mask=mask)}
         return {
-            "addrs": self.display,
+            **where,
             "username": self.username,
             "password": password,
             "tls": self.tls,
@@ -423,9 +457,39 @@ def parse_addrs(value: Any, path: str) -> tuple[tuple[str, int], ...]:
     return got.addrs
 
 
-def parse_endpoint(fields: _Fields) -> Endpoint:
+def parse_sentinel(fields: _Fields) -> Sentinel:
     raw = fields.pop("addrs", (str, list), required=True)
     got = split_addrs(raw, fields._name("addrs"))
+    if got.username or got.password or got.tls:
+        raise RequestError(f"{fields._name('addrs')}: give the sentinels' credentials as "
+                           f"username and password, not in URLs")
+    name = fields.pop("master_name", str, required=True)
+    if not name or len(name) > MAX_NAME or _bad_char(name) or " " in name:
+        raise RequestError(f"{fields._name('master_name')}: 1-{MAX_NAME} printable "
+                           f"characters without spaces")
+    username = _bounded(fields, "username", MAX_USERNAME)
+    pw_raw = fields.obj.pop("password", None)
+    password: Secret = "" if pw_raw is None else \
+        parse_secret(pw_raw, fields._name("password"), MAX_SECRET)
+    fields.done()
+    return Sentinel(addrs=got.addrs, master_name=name, username=username, password=password)
+
+
+def parse_endpoint(fields: _Fields) -> Endpoint:
+    sentinel_fields = fields.sub("sentinel")
+    sentinel = None
+    if sentinel_fields is not None:
+        if fields.obj.get("addrs") is not None:
+            raise RequestError(f"{fields._name('addrs')}: give addrs or sentinel, not both")
+        if fields.obj.get("host_mapping"):
+            raise RequestError(f"{fields._name('host_mapping')}: is for cluster nodes, not "
+                               f"a Sentinel-managed master")
+        sentinel = parse_sentinel(sentinel_fields)
+        raw: Any = []
+    else:
+        raw = fields.pop("addrs", (str, list), required=True)
+    got = split_addrs(raw, fields._name("addrs")) if sentinel is None else \
+        AddrList(addrs=(), username="", password="", tls=None)
     username = _bounded(fields, "username", MAX_USERNAME)
     pw_raw = fields.obj.pop("password", None)
     password: Secret = "" if pw_raw is None else \
@@ -472,7 +536,7 @@ def parse_endpoint(fields: _Fields) -> Endpoint:
     ep = Endpoint(addrs=got.addrs, username=username, password=password, tls=tls,
                   tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key,
                   tls_server_name=server_name, tls_skip_verify=skip,
-                  host_mapping=parse_host_mapping(fields))
+                  host_mapping=parse_host_mapping(fields), sentinel=sentinel)
     fields.done()
     return ep
 
@@ -643,5 +707,5 @@ def spec_from_store(data: dict[str, Any]) -> TaskSpec:
 
 
 def same_spec(a: TaskSpec, b: TaskSpec) -> bool:
-    return dataclasses.replace(a, task_id="") == dataclasses.replace(b, task_id="") and \
-        a.task_id == b.task_id
+    """The same task as declared (a Sentinel endpoint's master found at run time aside)."""
+    return a.to_json(mask=False) == b.to_json(mask=False)

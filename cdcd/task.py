@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+from . import sentinel
 from .entry import Batch
 from .errors import (
     CdcdError,
@@ -187,10 +188,11 @@ class Task:
 
     async def purge_markers(self) -> int:
         """Remove the task's marker keys from the target (the task must be stopped)."""
-        conn = await Connection.open_endpoint(self.spec.target, role="target",
+        target = await sentinel.resolve(self.spec.target, "target")
+        conn = await Connection.open_endpoint(target, role="target",
                                               io_timeout=float(self.spec.link_timeout_s))
         try:
-            if len(self.spec.target.addrs) == 1 and not await is_cluster(conn):
+            if len(target.addrs) == 1 and not await is_cluster(conn):
                 return await self.markers.purge(conn)
         finally:
             conn.close()
@@ -322,10 +324,11 @@ class Task:
         return not self.checkpoint
 
     async def _pipeline(self) -> None:
-        spec = self.spec
         self.set_phase("precheck")
         self.progress.status = ""
         await self.persist()    # the store must take our records before any data moves
+        # A Sentinel-managed side: its master's address now (stored specs keep the sentinel)
+        self.spec = spec = await sentinel.resolve_spec(self.spec)
         source = await Connection.open_endpoint(spec.source, role="source")
         try:
             target = await Connection.open_endpoint(spec.target, role="target",
@@ -492,6 +495,8 @@ class Task:
             await self.persist()
             resume = verdict.resume
             skip = verdict.skip
+        if resume is not None and router is None:
+            resume = await self._after_source_failover(source, resume, local)
         if router is not None:
             if resume is not None:
                 router.resume(skip)
@@ -575,9 +580,31 @@ class Task:
             self.set_phase("snapshot")     # a full sync: the source may take a while to start
         await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
                            self._poll_source(source, reader), self._watch_target(),
-                           *self._verifier())
+                           sentinel.watch(spec), *self._verifier())
         self.progress.snapshot_done = True
         await self.persist()
+
+    async def _after_source_failover(self, source: Connection, resume: StreamPos,
+                                     local: StreamPos | None) -> StreamPos:
+        """A source that is a promoted replica continues its old master's stream up to
+        where it took over (``master_replid2`` until ``second_repl_offset``). When cdcd had
+        read past that point only PINGs and its own heartbeats (published on the old master
+        while the failover was under way, so the new one never got them), nothing of that
+        reached the target: continue from the switch point instead of a full resync."""
+        info = parse_info(await source.call("INFO", "replication"))
+        if resume.replid != info.get("master_replid2"):
+            return resume
+        switch = int(info.get("second_repl_offset", "-1") or -1)
+        data = resume.data
+        if data < 0 and local is not None and local.replid == resume.replid and \
+                local.offset == resume.offset:
+            data = local.data
+        if switch <= 0 or resume.offset + 1 <= switch or not 0 <= data <= switch - 1:
+            return resume
+        log.info("task %s: the source took over at offset %d; the %d bytes read past it "
+                 "held no data command: continuing from there", self.spec.task_id,
+                 switch - 1, resume.offset - (switch - 1))
+        return StreamPos(replid=resume.replid, offset=switch - 1, db=resume.db, data=data)
 
     def _marker(self, checkpoint: Any) -> list[bytes] | None:
         return self.markers.command(checkpoint) if isinstance(checkpoint, StreamPos) else None
@@ -809,7 +836,7 @@ class Task:
         reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
         reader.replace = writer.replace
         await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
-                           self._checkpointer(), self._watch_target())
+                           self._checkpointer(), self._watch_target(), sentinel.watch(spec))
         if forced:
             await self._scan_cleanup()
         self.progress.snapshot_done = True
@@ -873,7 +900,8 @@ class Task:
 
         try:
             await run_pipeline(produce(), writer.run(queue, ack), feed.listen(),
-                               self._checkpointer(), self._watch_target())
+                               self._checkpointer(), self._watch_target(),
+                               sentinel.watch(self.spec))
         finally:
             if feed.sub is not None:
                 feed.sub.close()

@@ -36,6 +36,7 @@ from typing import Any
 
 import hiredis
 
+from . import sentinel
 from .cluster_reads import ClusterTarget, key_of, redirect_of
 from .errors import CdcdError, ConflictError, EndpointError, FatalTaskError
 from .ratelimit import TokenBucket
@@ -401,7 +402,7 @@ class Verification:
     # --- the run --------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        spec = self.spec
+        self.spec = spec = await sentinel.resolve_spec(self.spec)
         if len(spec.source.addrs) > 1:
             raise FatalTaskError("source lists several addresses (a Redis Cluster): "
                                  "cluster not supported yet")

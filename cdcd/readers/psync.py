@@ -58,15 +58,23 @@ class StreamPos:
     replid: str
     offset: int
     db: int
+    # Where the last command that could change data ended (-1: unknown). Past it the
+    # stream held only PINGs, REPLCONFs and heartbeats: a source that failed over to a
+    # replica which never got those can still continue from ``data``.
+    data: int = -1
 
     def to_json(self) -> dict[str, Any]:
-        return {"replid": self.replid, "offset": self.offset, "db": self.db}
+        out: dict[str, Any] = {"replid": self.replid, "offset": self.offset, "db": self.db}
+        if self.data >= 0:
+            out["data"] = self.data
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> StreamPos | None:
         if not d or not d.get("replid"):
             return None
-        return cls(replid=str(d["replid"]), offset=int(d["offset"]), db=int(d.get("db", 0)))
+        return cls(replid=str(d["replid"]), offset=int(d["offset"]), db=int(d.get("db", 0)),
+                   data=int(d.get("data", -1)))
 
 
 # Commands of the stream that need more than forwarding (the rest go by the fast path).
@@ -129,6 +137,7 @@ class PsyncReader:
         self.name = f"source {host}:{port}"
         self.replid = ""
         self.offset = 0           # offset of the last byte consumed from the stream
+        self.data_offset = -1     # where the last command that may change data ended
         self.db = 0
         self.applied = 0          # offset the target has acknowledged (sent in REPLCONF ACK)
         self.conn: Connection | None = None
@@ -200,6 +209,7 @@ class PsyncReader:
             self.replid = parts[1].decode() if len(parts) > 1 else self.resume.replid
             self.offset = self.resume.offset
             self.db = self.resume.db
+            self.data_offset = self.resume.data
             self.applied = self.offset
             log.info("%s: partial resync continues at offset %d", self.name, self.offset + 1)
             return False
@@ -334,7 +344,8 @@ class PsyncReader:
             rest = rest[40:]
         self._buf = rest
         self.progress.keys_total = max(self.progress.keys_total, splitter.keys_seen)
-        pos = StreamPos(replid=self.replid, offset=self.offset, db=0)
+        self.data_offset = self.offset
+        pos = StreamPos(replid=self.replid, offset=self.offset, db=0, data=self.offset)
         await out.put(Batch(entries, pos, nbytes, len(entries)))
         if self.after_rdb is not None:
             await self.after_rdb(seen)
@@ -381,6 +392,7 @@ class PsyncReader:
         ops = 0
         start_db = self.db
         in_multi: list[Entry] | None = None
+        data_end = self.data_offset
         flt = self.filter
         beat = self.heartbeat_channel
         trickle = False
@@ -397,6 +409,7 @@ class PsyncReader:
                         del buf[:offset - start]
                         pieces, span, replies, ops, start_db = [], offset, 0, 0, self.db
                     self.offset = start = offset
+                    self.data_offset = data_end
                     await self._emit(out, entries)
                     entries = []
                 if trickle:
@@ -422,6 +435,7 @@ class PsyncReader:
             if raw and name not in STREAM_SPECIAL:
                 ops += 1            # forwarded as the source sent it
                 replies += 1
+                data_end = offset
                 continue
             if name == b"select":
                 self.db = int(args[1])
@@ -436,13 +450,17 @@ class PsyncReader:
                     self.getack = True   # answer again once the target has caught up
             elif name == b"multi":
                 in_multi = []
+                data_end = offset
             elif name == b"exec":
+                data_end = offset
                 if in_multi is not None:
                     entries.extend(in_multi)
                 in_multi = None
             elif raw:
                 ops += 1
                 replies += 1
+                if name != b"publish":      # (Sentinel's hellos: no data either)
+                    data_end = offset
                 if name == b"eval" or name == b"evalsha" or name == b"script":
                     rewritten = self._script(args)
                     if rewritten is not args:
@@ -450,6 +468,8 @@ class PsyncReader:
                         span = offset
                 continue
             else:
+                if name != b"publish":
+                    data_end = offset
                 if name == b"eval" or name == b"evalsha" or name == b"script":
                     args = self._script(args)
                 target = in_multi if in_multi is not None else entries
@@ -461,6 +481,7 @@ class PsyncReader:
                 if in_multi is None and (len(entries) >= BATCH_ENTRIES or
                                          offset - start >= BATCH_BYTES):
                     self.offset = start = offset
+                    self.data_offset = data_end
                     await self._emit(out, entries)
                     entries = []
                 continue
@@ -481,7 +502,8 @@ class PsyncReader:
         return [(RAW, db, segments, replies, ops, end_db)]
 
     async def _emit(self, out: asyncio.Queue[Batch | None], entries: list[Entry]) -> None:
-        pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db)
+        pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db,
+                        data=self.data_offset)
         self.pending.append((self.offset, time.monotonic()))
         await out.put(Batch(entries, pos, 0, 0))
         await asyncio.sleep(0)   # let the API and other tasks in between batches
