@@ -77,15 +77,20 @@ class Markers:
         """The marker keys as the task view lists them (db, key)."""
         return [f"db {self.db}: {self.key.decode()}"]
 
+    def key_for(self, shard: str) -> bytes:
+        """A cluster source's shards each have their own marker (``<key>:<shard>``)."""
+        return self.key + b":" + shard.encode() if shard else self.key
+
     def command(self, pos: StreamPos) -> list[bytes]:
         """The command that records ``pos``, sent in ``db`` inside the batch's MULTI/EXEC."""
         data = f" {pos.data}" if pos.data >= 0 else ""
-        return [b"SET", self.key, f"{pos.replid} {pos.offset} {pos.db}{data}".encode()]
+        return [b"SET", self.key_for(pos.shard),
+                f"{pos.replid} {pos.offset} {pos.db}{data}".encode()]
 
-    async def read(self, conn: Connection) -> StreamPos | None:
+    async def read(self, conn: Connection, shard: str = "") -> StreamPos | None:
         """Read the position the target holds (None when it has no marker)."""
         await conn.select(self.db)
-        raw = await conn.call("GET", self.key)
+        raw = await conn.call("GET", self.key_for(shard))
         if not raw:
             return None
         try:
@@ -100,9 +105,11 @@ class Markers:
 
     async def purge(self, conn: Connection) -> int:
         await conn.select(self.db)
-        return int(await conn.call("DEL", self.key))
+        shards = await conn.call("KEYS", self.key + b":*")
+        return int(await conn.call("DEL", self.key, *shards))
 
-    async def judge(self, conn: Connection, local: StreamPos | None) -> Verdict:
+    async def judge(self, conn: Connection, local: StreamPos | None,
+                    shard: str = "") -> Verdict:
         """Compare the task's checkpoint with what the target holds; the target wins.
 
         - marker present: resume from it. It is newer than ``local`` when the store missed
@@ -111,13 +118,14 @@ class Markers:
         - marker missing although the task has streamed to this target: the target lost
           the data (restarted without persistence, flushed): a full sync.
         """
-        remote = await self.read(conn)
+        remote = await self.read(conn, shard)
         if remote is None:
             if local is None:
                 return Verdict(resume=None)
             return Verdict(resume=None, full=True,
                            lost=f"{conn.name} no longer holds the checkpoint marker "
-                                f"{self.key.decode()} (restarted empty or flushed) although "
+                                f"{self.key_for(shard).decode()} (restarted empty or "
+                                f"flushed) although "
                                 f"offset {local.offset} was applied")
         if local is not None and remote.offset < local.offset:
             return Verdict(resume=remote,

@@ -791,6 +791,35 @@ async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: b
                  message=f"Redis Cluster of {len(topo.masters)} masters: {shards}")
 
 
+async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check:
+    """A Redis Cluster source: read with one psync link per master, into a standalone
+    target; every master reachable after host mapping."""
+    name = "source.topology"
+    if spec.reader == "scan":
+        return Check(name=name, status="error",
+                     message=f"{src.name} is a Redis Cluster: a cluster source is read with "
+                             f"the psync reader only (reader scan: not supported yet)")
+    if dst.up and is_cluster_side(dst):
+        return Check(name=name, status="error",
+                     message="a Redis Cluster source into a Redis Cluster target is not "
+                             "supported yet (a standalone target is)")
+    try:
+        topo = await discover(spec.source, HostMapping(spec.source.host_mapping),
+                              role="source", timeout=CONNECT_TIMEOUT)
+        await check_reachable(topo, spec.source, role="source", timeout=CONNECT_TIMEOUT)
+    except CdcdError as exc:
+        return Check(name=name, status="error", message=exc.message)
+    if topo.uncovered():
+        gaps = ", ".join(f"{a}-{b}" for a, b in topo.uncovered()[:5])
+        return Check(name=name, status="error",
+                     message=f"{src.name} (Redis Cluster): slots {gaps} are served by no "
+                             f"master")
+    shards = "; ".join(f"{s.master.name} slots {s.slots_text()}" for s in topo.shards)
+    return Check(name=name, status="ok",
+                 message=f"Redis Cluster of {len(topo.masters)} masters, one psync link "
+                         f"each: {shards}")
+
+
 async def _topology_check(side: _Side) -> Check:
     name = f"{side.role}.topology"
     if len(side.ep.addrs) > 1:
@@ -911,7 +940,9 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
             plan.append(("source.psync", lambda: _psync_check(src, spec.reader)))
         if src.up and spec.reader == "scan":
             plan.append(("source.scan", lambda: _scan_check(src)))
-        if src.up:
+        if src.up and is_cluster_side(src):
+            plan.append(("source.topology", lambda: _cluster_source_check(src, dst, spec)))
+        elif src.up:
             plan.append(("source.topology", lambda: _topology_check(src)))
         if dst.up and src.up and is_cluster_side(dst):
             plan.append(("target.topology",

@@ -108,6 +108,7 @@ class Task:
                                  not self.reason.startswith("retrying") else "")
         self._dirty = False
         self.topology: Topology | None = None    # a cluster target's shape, else None
+        self.shard_states: dict[str, Any] = {}    # a cluster source's shards (shards.py)
         mb = spec.bandwidth_limit_mb
         # One bucket for every pipeline of the task, re-rated in place by ``update``.
         self.bandwidth = TokenBucket(mb * 1_000_000 if mb else None)
@@ -134,6 +135,8 @@ class Task:
 
     def _progress_view(self) -> dict[str, Any]:
         out = self.progress.view(incremental=self.spec.incremental)
+        if self.shard_states:
+            out["shards"] = [st.view() for st in self.shard_states.values()]
         if self.spec.continuous_verify is not None:
             out["continuous_verify"] = self.progress.verify_view()
         return out
@@ -342,6 +345,14 @@ class Task:
             restarted = await self._start_writing(source, target)
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
             self.progress.reader = reader
+            source_topology = await self._source_topology(source)
+            if source_topology is not None:
+                if reader != "psync":
+                    raise FatalTaskError("a Redis Cluster source is read with the psync "
+                                         "reader only (reader scan: not supported yet)")
+                from .shards import run_sharded
+                await run_sharded(self, source_topology, target, restarted)
+                reader = ""
             if reader == "psync":
                 try:
                     await self._run_psync(source, target, restarted)
@@ -776,6 +787,19 @@ class Task:
         verdict = SlotMarkers.judge(marks, local, changed)
         self.checkpoint["target_nodes"] = ids
         return verdict
+
+    async def _source_topology(self, source: Connection) -> Topology | None:
+        """A cluster source's masters and slots (None for a standalone source)."""
+        spec = self.spec
+        if len(spec.source.addrs) == 1 and not await is_cluster(source):
+            return None
+        if self.topology is not None:
+            raise FatalTaskError("a Redis Cluster source into a Redis Cluster target is not "
+                                 "supported yet (a standalone target is)")
+        topology = await discover(spec.source, HostMapping(spec.source.host_mapping),
+                                  role="source")
+        await check_reachable(topology, spec.source, role="source")
+        return topology
 
     def _cluster_nodes(self) -> list[tuple[str, int]]:
         """A cluster target's masters (where cdcd dials them); [] for a standalone one."""

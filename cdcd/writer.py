@@ -95,8 +95,9 @@ class Writer:
         while not queue.empty() and nbytes < MERGE_BYTES and \
                 len(entries or batch.entries) < MERGE_ENTRIES:
             nxt = queue.get_nowait()
-            if nxt is None or self.marker(nxt.checkpoint) is None:
-                held.append(nxt)
+            if nxt is None or self.marker(nxt.checkpoint) is None or \
+                    getattr(nxt.checkpoint, "shard", "") != getattr(checkpoint, "shard", ""):
+                held.append(nxt)      # (another shard's stream keeps its own checkpoint)
                 break
             if entries is None:
                 entries = list(batch.entries)

@@ -62,6 +62,8 @@ class StreamPos:
     # stream held only PINGs, REPLCONFs and heartbeats: a source that failed over to a
     # replica which never got those can still continue from ``data``.
     data: int = -1
+    # A cluster source: which shard's stream (its key in the checkpoint), "" otherwise.
+    shard: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"replid": self.replid, "offset": self.offset, "db": self.db}

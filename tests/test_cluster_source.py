@@ -1,0 +1,139 @@
+"""A Redis Cluster as the source, against real clusters: one psync link per master shard
+into a standalone target, full and incremental, each shard resuming on its own after a
+daemon kill -9 and continuing with a partial resync after a shard's failover."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from .cluster import running_cluster
+from .compare import assert_same, diff
+from .daemon import Daemon
+from .load import Load
+from .servers import wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+BACKLOG = ["--repl-backlog-size", "256mb"]
+
+
+def fill_cluster(c: Any, n: int = 3000) -> None:
+    pipe = c.pipeline(transaction=False)
+    for i in range(n):
+        pipe.set(f"k:{i}", os.urandom(20))
+        if i % 10 == 0:
+            pipe.hset(f"h:{i}", mapping={"a": i, "b": "x" * 20})
+            pipe.rpush(f"l:{i}", *range(5))
+            pipe.zadd(f"z:{i}", {"m": i})
+            pipe.set(f"ttl:{i}", i, px=600_000)
+    pipe.execute()
+
+
+def inc_spec(cluster: Any, dst: Any, **kw: Any) -> dict[str, Any]:
+    return {"source": {"addrs": cluster.addrs}, "target": {"addrs": dst.addr},
+            "migration_method": "incremental_migration", "reader": "psync", **kw}
+
+
+def caught_up(daemon: Daemon, task_id: str, cluster: Any) -> None:
+    def ok() -> bool:
+        view = daemon.task(task_id)
+        shards = view["progress"].get("shards") or []
+        if "retrying" in view["reason"] or len(shards) != len(cluster.masters):
+            return False
+        for sh in shards:
+            host, _, port = sh["node"].partition(" ")[0].rpartition(":")
+            node = next(n for n in cluster.nodes if n.port == int(port))
+            end = int(node.client().info("replication")["master_repl_offset"])
+            if sh["applied_offset"] < end - 200:
+                return False
+        return True
+    wait_for(ok, 90, 0.2, what="every shard caught up")
+
+
+def exact(cluster: Any, dst: Any) -> None:
+    wait_for(lambda: not diff(cluster.client(), dst.client(), ignore=()), 60, 0.5,
+             what="the target equal to the source")
+    s, d = cluster.client(), dst.client()
+    for i in range(50):
+        assert s.get(f"counter:{i}") == d.get(f"counter:{i}"), i
+    for i in range(20):
+        assert s.lrange(f"list:{i}", 0, -1) == d.lrange(f"list:{i}", 0, -1), i
+
+
+@pytest.mark.parametrize("flavour", ["redis7", "redis6", "valkey8"])
+def test_full_copy_of_a_cluster(flavour: str, servers: Any, daemon: Daemon) -> None:
+    dst = servers(flavour)
+    with running_cluster(flavour, replicas=0) as cluster:
+        fill_cluster(cluster.client())
+        daemon.ok("create", {"task_id": "full", "source": {"addrs": cluster.addrs},
+                             "target": {"addrs": dst.addr},
+                             "migration_method": "full_amount_migration"})
+        view = daemon.wait_state("full", "Succeeded", timeout=90)
+        assert_same(cluster.client(), dst.client())
+        assert len(view["progress"]["shards"]) == 3
+        checks = {c["name"]: c for c in view["prechecks"]}
+        assert "one psync link each" in checks["source.topology"]["message"]
+
+
+def test_incremental_from_a_cluster_through_daemon_kills(servers: Any,
+                                                        daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", inc_spec(cluster, dst, task_id="inc"))
+        wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 60, what="streaming")
+        with Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists") as load:
+            for _ in range(2):
+                wait_for(lambda: load.ops > 3000, 30, what="some load")
+                daemon.kill()
+                daemon.start()
+                load.ops = 0
+        caught_up(daemon, "inc", cluster)
+        exact(cluster, dst)
+        view = daemon.task("inc")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        assert {sh["phase"] for sh in view["progress"]["shards"]} == {"incremental"}
+        # one marker per shard, in the marker db
+        marker_db = int(view["markers"][0].split(":")[0].split()[1])
+        assert len(list(dst.client(marker_db).scan_iter(match="cdcd:checkpoint:inc:*"))) == 3
+
+
+def test_a_source_shard_fails_over_with_a_partial_resync(servers: Any,
+                                                         daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
+        daemon.ok("create", inc_spec(cluster, dst, task_id="fo"))
+        wait_for(lambda: daemon.task("fo")["phase"] == "incremental", 60, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=4000).run_all()
+        replica = cluster.replicas[0]
+        replica.client().execute_command("CLUSTER", "FAILOVER")
+        wait_for(lambda: replica.client().info("replication")["role"] == "master", 30,
+                 what="the replica taking over")
+        cluster.wait_ok()
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
+             seed=5).run_all()
+        caught_up(daemon, "fo", cluster)
+        exact(cluster, dst)
+        view = daemon.task("fo")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        stats = replica.client().info("stats")
+        assert stats["sync_full"] == 0 and stats["sync_partial_ok"] >= 1, stats
+        assert any(sh["node"].startswith(replica.addr) for sh in view["progress"]["shards"])
+
+
+def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=0) as cluster:
+        daemon.ok("create", {**inc_spec(cluster, dst, task_id="scan"), "reader": "scan"})
+        view = daemon.wait_state("scan", "Failed")
+        assert "psync reader only" in view["reason"], view["reason"]
+        with running_cluster("redis7", replicas=0) as other:
+            daemon.ok("create", {"task_id": "c2c", "source": {"addrs": cluster.addrs},
+                                 "target": {"addrs": other.addrs},
+                                 "migration_method": "full_amount_migration"})
+            view = daemon.wait_state("c2c", "Failed")
+            assert "into a Redis Cluster target is not supported yet" in view["reason"]
