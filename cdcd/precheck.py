@@ -814,6 +814,23 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
         return Check(name=name, status="error",
                      message=f"{src.name} (Redis Cluster): slots {gaps} are served by no "
                              f"master")
+    if spec.source.read_from == "replica":
+        bare = [s.master.name for s in topo.shards if not any(r.healthy for r in s.replicas)]
+        if bare:
+            return Check(name=name, status="error",
+                         message=f"read_from is replica but the shards of {', '.join(bare)} "
+                                 f"have no healthy replica")
+        try:
+            await check_reachable(topo, spec.source, role="source", timeout=CONNECT_TIMEOUT,
+                                  nodes=[next(r for r in s.replicas if r.healthy)
+                                         for s in topo.shards])
+        except CdcdError as exc:
+            return Check(name=name, status="error", message=exc.message)
+        shards = "; ".join(f"{next(r for r in s.replicas if r.healthy).name} (replica of "
+                           f"{s.master.name}) slots {s.slots_text()}" for s in topo.shards)
+        return Check(name=name, status="ok",
+                     message=f"Redis Cluster of {len(topo.masters)} masters, one psync link "
+                             f"each to a replica: {shards}")
     shards = "; ".join(f"{s.master.name} slots {s.slots_text()}" for s in topo.shards)
     return Check(name=name, status="ok",
                  message=f"Redis Cluster of {len(topo.masters)} masters, one psync link "
@@ -822,6 +839,11 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
 
 async def _topology_check(side: _Side) -> Check:
     name = f"{side.role}.topology"
+    if side.ep.read_from == "replica":
+        return Check(name=name, status="error",
+                     message=f"read_from: replica is for a cluster source's shards; to read "
+                             f"a standalone source from its replica, give the replica's "
+                             f"address")
     if len(side.ep.addrs) > 1:
         return Check(name=name, status="error",
                      message=f"{side.role} lists {len(side.ep.addrs)} addresses, i.e. a Redis "

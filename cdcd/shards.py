@@ -69,11 +69,20 @@ class _Port:
 
 
 class ShardState:
-    """One shard of the source as the task sees it: its node, reader and progress."""
+    """One shard of the source as the task sees it: the node it is read from (its master,
+    or a replica with ``read_from: replica``), its reader and progress."""
 
-    def __init__(self, key: str, shard: Shard) -> None:
+    def __init__(self, key: str, shard: Shard, read_from: str = "master") -> None:
         self.key = key
         self.shard = shard
+        self.node = shard.master
+        if read_from == "replica":
+            healthy = [r for r in shard.replicas if r.healthy]
+            if not healthy:
+                raise EndpointError(f"source shard {shard.master.name} (slots "
+                                    f"{shard.slots_text()}) has no replica to read from "
+                                    f"(read_from: replica)")
+            self.node = healthy[0]
         self.progress = Progress()
         self.reader: PsyncReader | None = None
         self.slots = frozenset(s for a, b in shard.ranges for s in range(a, b + 1))
@@ -81,7 +90,7 @@ class ShardState:
 
     def view(self) -> dict[str, Any]:
         p = self.progress
-        return {"shard": self.key, "node": self.shard.master.name,
+        return {"shard": self.key, "node": self.node.name, "role": self.node.role,
                 "slots": self.shard.slots_text(), "phase": self.phase,
                 "replid": self.reader.replid if self.reader else "",
                 "source_offset": p.source_offset, "applied_offset": p.applied_offset,
@@ -94,7 +103,8 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
     """The psync pipeline of a task whose source is a cluster (standalone target)."""
     from .task import QUEUE_BATCHES, remove_stale_keys, run_pipeline, source_dbs
     spec = task.spec
-    states = {shard_key(s): ShardState(shard_key(s), s) for s in topology.shards}
+    states = {shard_key(s): ShardState(shard_key(s), s, spec.source.read_from)
+              for s in topology.shards}
     task.shard_states = states
     ck: dict[str, Any] = task.checkpoint.setdefault("shards", {})
     for key in list(ck):
@@ -173,12 +183,12 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                 task.checkpoint["shard_resync"] = shard_forced
                 await task.persist()
 
-        host, port = st.shard.master.dial
+        host, port = st.node.dial
         reader = PsyncReader(spec, st.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=redo,
                              on_full_sync=on_full_sync, on_stream=on_stream,
                              after_rdb=after_rdb)
-        reader.name = f"source shard {st.shard.master.name} (slots {st.shard.slots_text()})"
+        reader.name = f"source shard {st.node.name} (slots {st.shard.slots_text()})"
         st.reader = reader
         return reader
 
@@ -234,7 +244,7 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
     conns: dict[str, Connection] = {}
     try:
         for key, st in states.items():
-            conns[key] = await Connection.open(*st.shard.master.dial, role="source",
+            conns[key] = await Connection.open(*st.node.dial, role="source",
                                                ep=task.spec.source)
         first = True
         while True:

@@ -95,6 +95,8 @@ class Endpoint:
     # Managed by Sentinel: ``addrs`` is then the master's address found at the last
     # connect (empty before the first), never stored.
     sentinel: Sentinel | None = None
+    # A cluster source: read each shard from its master (default) or one of its replicas.
+    read_from: str = "master"
 
     def __repr__(self) -> str:
         pw = self.password if isinstance(self.password, SecretRef) else \
@@ -135,6 +137,7 @@ class Endpoint:
             "tls_server_name": self.tls_server_name,
             "tls_skip_verify": self.tls_skip_verify,
             "host_mapping": dict(sorted(self.host_mapping.items())),
+            **({"read_from": self.read_from} if self.read_from != "master" else {}),
         }
 
 
@@ -536,7 +539,8 @@ def parse_endpoint(fields: _Fields) -> Endpoint:
     ep = Endpoint(addrs=got.addrs, username=username, password=password, tls=tls,
                   tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key,
                   tls_server_name=server_name, tls_skip_verify=skip,
-                  host_mapping=parse_host_mapping(fields), sentinel=sentinel)
+                  host_mapping=parse_host_mapping(fields), sentinel=sentinel,
+                  read_from=fields.choice("read_from", ("master", "replica"), "master"))
     fields.done()
     return ep
 
@@ -652,6 +656,9 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     assert src is not None and dst is not None
     source = parse_endpoint(src)
     target = parse_endpoint(dst)
+    if target.read_from != "master":
+        raise RequestError(f"{path + '.' if path else ''}target.read_from: only a source "
+                           f"is read from")
     method = f.choice("migration_method", METHODS, "full_amount_migration")
     reader = f.choice("reader", READERS, "auto")
     resume_mode = f.choice("resume_mode", RESUME_MODES, "auto")

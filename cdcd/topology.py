@@ -175,7 +175,8 @@ def parse_shards(reply: Any, mapping: HostMapping, seed: Addr) -> list[Shard]:
             node = Node(node_id=_text(n.get("id", "")), announced=announced,
                         dial=mapping.dial(announced),
                         role="master" if _text(n.get("role")) == "master" else "replica",
-                        healthy=_text(n.get("health", "online")) == "online")
+                        # "loading" also means "offset 0 so far" (7.0): usable
+                        healthy=_text(n.get("health", "online")) in ("online", "loading"))
             if node.role == "master":
                 master = node
             else:

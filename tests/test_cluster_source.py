@@ -137,3 +137,30 @@ def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
                                  "migration_method": "full_amount_migration"})
             view = daemon.wait_state("c2c", "Failed")
             assert "into a Redis Cluster target is not supported yet" in view["reason"]
+
+
+def test_read_from_replicas_keeps_the_masters_free(servers: Any, daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        before = {m.port: m.client().info("stats")["sync_full"] for m in cluster.masters}
+        spec = inc_spec(cluster, dst, task_id="rep")
+        spec["source"]["read_from"] = "replica"
+        daemon.ok("create", spec)
+        wait_for(lambda: daemon.task("rep")["phase"] == "incremental", 60, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=3000).run_all()
+        caught_up(daemon, "rep", cluster)
+        exact(cluster, dst)
+        view = daemon.task("rep")
+        assert {sh["role"] for sh in view["progress"]["shards"]} == {"replica"}
+        assert view["spec"]["source"]["read_from"] == "replica"
+        after = {m.port: m.client().info("stats")["sync_full"] for m in cluster.masters}
+        assert after == before          # no fork, no RDB on any master
+        assert all(r.client().info("stats")["sync_full"] >= 1 for r in cluster.replicas)
+        # a standalone source has no shards to read from replicas
+        code, doc = daemon.api("precheck", {"source": {"addrs": dst.addr,
+                                                       "read_from": "replica"},
+                                            "target": {"addrs": servers().addr}})
+        checks = {c["name"]: c for c in doc["data"]["checks"]}
+        assert checks["source.topology"]["status"] == "error"
