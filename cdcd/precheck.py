@@ -841,9 +841,9 @@ async def _topology_check(side: _Side) -> Check:
     name = f"{side.role}.topology"
     if side.ep.read_from == "replica":
         return Check(name=name, status="error",
-                     message=f"read_from: replica is for a cluster source's shards; to read "
-                             f"a standalone source from its replica, give the replica's "
-                             f"address")
+                     message="read_from: replica is for a cluster source's shards; to read "
+                             "a standalone source from its replica, give the replica's "
+                             "address")
     if len(side.ep.addrs) > 1:
         return Check(name=name, status="error",
                      message=f"{side.role} lists {len(side.ep.addrs)} addresses, i.e. a Redis "

@@ -107,13 +107,16 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
               for s in topology.shards}
     task.shard_states = states
     ck: dict[str, Any] = task.checkpoint.setdefault("shards", {})
+    forced = task.checkpoint.get("resync")
+    if forced:
+        ck.clear()          # every shard starts over (the shards may have changed)
+        task.checkpoint.pop("shard_resync", None)
     for key in list(ck):
         if key not in states:
             raise FatalTaskError(f"the source cluster's shards changed (no master serves "
                                  f"slot {key} as the first of its slots any more): a "
                                  f"resharding of the source is not followed yet; resync "
                                  f"the task")
-    forced = task.checkpoint.get("resync")
     resumes: dict[str, StreamPos | None] = {}
     shard_forced: dict[str, str] = dict(task.checkpoint.get("shard_resync") or {})
     for key, st in states.items():
@@ -247,6 +250,7 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
             conns[key] = await Connection.open(*st.node.dial, role="source",
                                                ep=task.spec.source)
         first = True
+        rounds = 0
         while True:
             for key, conn in conns.items():
                 st = states[key]
@@ -262,9 +266,44 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
                                                  if task.spec.filter.db_ok(db))
             first = False
             _aggregate(task, states)
+            if rounds % RESHARD_CHECK_EVERY == 0:
+                await _check_shape(task, next(iter(conns.values())), states)
+            rounds += 1
             await asyncio.sleep(1.0)
     except EndpointError as exc:
         raise EndpointError(f"{exc.message} (source shard poll)") from None
     finally:
         for conn in conns.values():
             conn.close()
+
+
+RESHARD_CHECK_EVERY = 2     # seconds between looks at the source's slot map
+
+
+async def _check_shape(task: Task, conn: Connection, states: dict[str, ShardState]) -> None:
+    """Stop the task when the source is being resharded: a key MIGRATEd between shards is
+    a DEL in one stream and a RESTORE in another, applied independently; without
+    ordering them (not done yet) the target could lose it. Said, never silently."""
+    raw = await conn.call("CLUSTER", "NODES")
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    owned: dict[str, set[int]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8 or "master" not in parts[2]:
+            continue
+        for field in parts[8:]:
+            if field.startswith("["):
+                raise FatalTaskError(
+                    f"the source cluster is being resharded (slot migration {field} seen in "
+                    f"CLUSTER NODES): following a resharding of the source is not supported "
+                    f"yet, and its keys could be lost on the target; resync the task once "
+                    f"the resharding is done")
+            a, _, b = field.partition("-")
+            if a.isdigit():
+                owned.setdefault(parts[0], set()).update(range(int(a), int(b or a) + 1))
+    for st in states.values():
+        if not any(st.slots <= slots for slots in owned.values()):
+            raise FatalTaskError(
+                f"the source cluster's slots moved (shard {st.shard.master.name}, slots "
+                f"{st.shard.slots_text()}, is no longer served by one master): following a "
+                f"resharding of the source is not supported yet; resync the task")

@@ -164,3 +164,21 @@ def test_read_from_replicas_keeps_the_masters_free(servers: Any, daemon: Daemon)
                                             "target": {"addrs": servers().addr}})
         checks = {c["name"]: c for c in doc["data"]["checks"]}
         assert checks["source.topology"]["status"] == "error"
+
+
+def test_resharding_the_source_stops_the_task_until_a_resync(servers: Any,
+                                                            daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 2000)
+        daemon.ok("create", inc_spec(cluster, dst, task_id="rs"))
+        wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="streaming")
+        cluster.move_slots(cluster.masters[0], cluster.masters[1], range(0, 300))
+        view = daemon.wait_state("rs", "Failed", timeout=30)
+        assert "resharded" in view["reason"] or "slots moved" in view["reason"], view
+        daemon.ok("resync", {"task_id": "rs"})
+        wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=2000).run_all()
+        caught_up(daemon, "rs", cluster)
+        exact(cluster, dst)
