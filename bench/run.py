@@ -567,6 +567,7 @@ class Bench:
             self._memory_rows_from(res, n)
             self._cluster_target_row(src, n, timeout, med.get("psync"))
             src.cleanup()
+            self._cluster_source_row(n, timeout)
 
         # the mixed dataset
         mn = self.args.mixed_keys
@@ -625,6 +626,87 @@ class Bench:
         self.row("snapshot", metric, f"{ratio:.2f}x ({fmt_s(r['seconds'])}, "
                  f"{n / r['seconds']:,.0f} keys/s; daemon cpu {r['cpu_seconds']:.1f} s)",
                  "<= 1.0", verdict(ratio <= 1.0))
+
+    def _cluster_source_row(self, n: int, timeout: float) -> None:
+        """A 3-master cluster source holding n keys of 100 B: cdcd's full copy (one psync
+        link per shard, into a standalone target) against three native replicas syncing
+        from the three masters at once, side by side in this run."""
+        from cdcd.markers import slot_tags
+        metric = f"snapshot of a 3-shard cluster source, {n:,} keys: cdcd / native replicas"
+        print(f"\n== snapshot: a 3-shard cluster source, {n:,} keys ==", flush=True)
+        cluster = None
+        try:
+            cluster = Cluster(replicas=0).start()
+            tags = slot_tags()
+            value = b"v" * 100
+            per = n // 3
+            counts = []
+            for i, m in enumerate(cluster.masters):
+                a = i * (16384 // 3)
+                c = m.client()
+                pipe = c.pipeline(transaction=False)
+                for j in range(per):
+                    slot = a + j % 5000
+                    pipe.set(b"{" + tags[slot] + b"}:%d" % j, value)
+                    if j % 2000 == 1999:
+                        pipe.execute()
+                pipe.execute()
+                counts.append(c.dbsize())
+            total = sum(counts)
+            # native: a replica per master, all three at once
+            reps = [self.server() for _ in cluster.masters]
+            t0 = time.perf_counter()
+            for rep, m in zip(reps, cluster.masters):
+                rep.client().execute_command("REPLICAOF", "127.0.0.1", str(m.port))
+            while not all(r.client().dbsize() >= k and r.client().info("replication")
+                          .get("master_link_status") == "up" for r, k in zip(reps, counts)):
+                if time.perf_counter() - t0 > timeout:
+                    raise TimeoutError("native replicas not in sync")
+                time.sleep(0.005)
+            native = time.perf_counter() - t0
+            for r in reps:
+                r.cleanup()
+            d, api = self.daemon()
+            tgt = self.server()
+            try:
+                assert d.proc is not None
+                cpu0 = cpu_seconds(d.proc.pid)
+                t0 = time.perf_counter()
+                task_id = api.ok("create", {"source": {"addrs": cluster.addrs},
+                                            "target": {"addrs": tgt.addr},
+                                            "migration_method": "full_amount_migration"}
+                                 )["task_id"]
+                while True:
+                    view = api.task(task_id)
+                    if view["state"] == "Succeeded":
+                        break
+                    if view["state"] == "Failed":
+                        raise NotAvailable(f"cluster source task failed: {view['reason']}")
+                    if time.perf_counter() - t0 > timeout:
+                        raise TimeoutError("cluster source task not done")
+                    time.sleep(0.02)
+                took = time.perf_counter() - t0
+                cpu = cpu_seconds(d.proc.pid) - cpu0
+                got = tgt.client().dbsize()
+                if got != total:
+                    raise NotAvailable(f"target holds {got} keys, source {total}")
+            finally:
+                api.close()
+                self.stop_daemon(d)
+                tgt.cleanup()
+            ratio = took / native
+            self.results["snapshot"]["cluster_source"] = {
+                "keys": total, "seconds": took, "native_seconds": native,
+                "ratio": ratio, "daemon_cpu_seconds": cpu}
+            self.row("snapshot", metric, f"{ratio:.2f}x ({fmt_s(took)}, {total / took:,.0f} "
+                     f"keys/s; native {fmt_s(native)}; daemon cpu {cpu:.1f} s)",
+                     "<= 2.0", verdict(ratio <= 2.0))
+        except (NotAvailable, TimeoutError, AssertionError, RuntimeError, redis.RedisError,
+                OSError) as exc:
+            self.unavailable("snapshot", metric, exc, "<= 2.0")
+        finally:
+            if cluster is not None:
+                cluster.stop()
 
     def _cluster_drain_row(self, src: RedisServer, api: Api,
                            benchmark: Callable[[], tuple[float, float, float]],
