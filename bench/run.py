@@ -166,7 +166,7 @@ class Sampler:
             else:
                 nxt = time.perf_counter()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self._thread.start()
         return self
 
