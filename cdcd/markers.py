@@ -104,9 +104,18 @@ class Markers:
                                  f"{raw[:60]!r}, not a cdcd checkpoint") from None
 
     async def purge(self, conn: Connection) -> int:
+        """Delete the marker and a cluster source's per-shard markers (SCAN, never KEYS:
+        the marker db may be a user's db 0 for records of older versions)."""
         await conn.select(self.db)
-        shards = await conn.call("KEYS", self.key + b":*")
-        return int(await conn.call("DEL", self.key, *shards))
+        keys = [self.key]
+        cursor = b"0"
+        while True:
+            cursor, found = await conn.call("SCAN", cursor, "MATCH", self.key + b":*",
+                                            "COUNT", 1000)
+            keys += found
+            if cursor == b"0":
+                break
+        return int(await conn.call("DEL", *keys))
 
     async def judge(self, conn: Connection, local: StreamPos | None,
                     shard: str = "") -> Verdict:
