@@ -99,6 +99,8 @@ def test_incremental_from_a_cluster_through_daemon_kills(servers: Any,
         # one marker per shard, in the marker db
         marker_db = int(view["markers"][0].split(":")[0].split()[1])
         assert len(list(dst.client(marker_db).scan_iter(match="cdcd:checkpoint:inc:*"))) == 3
+        daemon.ok("delete", {"task_id": "inc", "purge_markers": True})
+        assert not list(dst.client(marker_db).scan_iter(match="cdcd:*"))
 
 
 def test_a_source_shard_fails_over_with_a_partial_resync(servers: Any,
