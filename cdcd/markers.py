@@ -267,7 +267,8 @@ class SlotMarkers:
 
     @staticmethod
     def judge(marks: dict[int, StreamPos], local: StreamPos | None,
-              changed: dict[str, list[int]]) -> Verdict:
+              changed: dict[str, list[int]],
+              slots: Iterable[int] | None = None) -> Verdict:
         """Compare the task's checkpoint with the slot markers; the markers win.
 
         ``changed``: masters (by name) that are not the servers the checkpoint was written
@@ -279,13 +280,25 @@ class SlotMarkers:
           a full sync;
         - else resume from the checkpoint, or from the oldest marker of a changed master's
           slots when that is older; each slot then skips what its marker says it holds.
+
+        ``slots``: judge only these (a cluster source's shard: its slots' markers hold its
+        stream's positions).
         """
-        missing = [s for s in range(SLOTS) if s not in marks]
+        if slots is not None:
+            mine = set(slots)
+            marks = {s: p for s, p in marks.items() if s in mine}
+            changed = {name: [s for s in ss if s in mine] for name, ss in changed.items()}
+            changed = {name: ss for name, ss in changed.items() if ss}
+            missing = sorted(mine - set(marks))
+        else:
+            missing = [s for s in range(SLOTS) if s not in marks]
         if local is None:
             if missing:
                 return Verdict(resume=None)
             # Every slot marked, the store without a position (a crash before the first
             # checkpoint was saved): the snapshot is whole; resume from the oldest marker.
+            if not marks:
+                return Verdict(resume=None)
             oldest = min(marks.values(), key=lambda p: p.offset)
             return Verdict(resume=oldest, skip={s: p.offset for s, p in marks.items()
                                                  if p.offset > oldest.offset})

@@ -792,17 +792,13 @@ async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: b
 
 
 async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check:
-    """A Redis Cluster source: read with one psync link per master, into a standalone
-    target; every master reachable after host mapping."""
+    """A Redis Cluster source: read with one psync link per master (or a replica of
+    each); every node read reachable after host mapping."""
     name = "source.topology"
     if spec.reader == "scan":
         return Check(name=name, status="error",
                      message=f"{src.name} is a Redis Cluster: a cluster source is read with "
                              f"the psync reader only (reader scan: not supported yet)")
-    if dst.up and is_cluster_side(dst):
-        return Check(name=name, status="error",
-                     message="a Redis Cluster source into a Redis Cluster target is not "
-                             "supported yet (a standalone target is)")
     try:
         topo = await discover(spec.source, HostMapping(spec.source.host_mapping),
                               role="source", timeout=CONNECT_TIMEOUT)

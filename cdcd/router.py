@@ -26,7 +26,7 @@ import asyncio
 import time
 from binascii import crc_hqx
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from . import crossslot as cs
@@ -84,11 +84,18 @@ class ClusterRouter:
         self.skip_until = -1
         self.mark_all = False
         self.streaming = False
+        # A cluster source (shards.py): each shard's slots; the shards whose batches are
+        # stream batches, and those whose snapshot's end must mark their slots.
+        self.shard_slots: dict[str, list[int]] = {}
+        self.streaming_shards: set[str] = set()
+        self.mark_shards: set[str] = set()
+        self._refresh_shard: dict[str, tuple[float, int]] = {}
         self.db_map = db_map
         self.tmp_prefix = b"cdcd:tmp:" + task_id.encode() + b":x:"
         self._refresh_at = time.monotonic()
         self._refresh_next = 0
         self._stream_replid = ""
+        self._stream_shard = ""
         self._idle = asyncio.Event()
         self.mapping = mapping if mapping is not None else HostMapping()
         self.slot_busy: dict[int, Block] = {}      # each slot's last block sent
@@ -98,6 +105,26 @@ class ClusterRouter:
         self.open_blocks = 0                        # blocks not yet applied
         self._tg: asyncio.TaskGroup
         self._release: Callable[[], Awaitable[None]]
+
+    def resume_shard(self, shard: str, skip: dict[int, int]) -> None:
+        """A cluster source's shard resumes its stream: skip, per slot, what it holds."""
+        self.streaming_shards.add(shard)
+        self.skip.update(skip)
+        self.skip_until = max(self.skip_until, max(skip.values(), default=-1))
+
+    def restart_shard(self, shard: str) -> None:
+        """A shard of a cluster source answered a full resync."""
+        self.streaming_shards.discard(shard)
+        self.mark_shards.add(shard)
+        for slot in self.shard_slots.get(shard, ()):
+            self.skip.pop(slot, None)
+
+    def _is_stream(self, pos: Any) -> bool:
+        """Whether a batch with this checkpoint is a stream batch (routed per slot with
+        markers), not snapshot data."""
+        if self.marks is None or not isinstance(pos, StreamPos):
+            return False
+        return pos.shard in self.streaming_shards if pos.shard else self.streaming
 
     def resume(self, skip: dict[int, int]) -> None:
         """Resume the stream (no snapshot first): skip, per slot, what its marker holds."""
@@ -251,8 +278,8 @@ class ClusterRouter:
                 batch = held.pop() if held else await queue.get()
                 if batch is None:
                     break
-                if self.marks is not None and self.streaming:
-                    batch = _merge_queued(batch, queue, held)
+                if self._is_stream(batch.checkpoint):
+                    batch = _merge_queued(batch, queue, held, self._is_stream)
                 item: list[Any] = [batch, 1]       # 1 until every part is sent
                 order.append(item)
                 await self._route(batch, item)
@@ -358,13 +385,26 @@ class ClusterRouter:
             await self._idle.wait()
 
     async def _route(self, batch: Batch, item: list[Any]) -> None:
-        if self.marks is not None and self.streaming:
+        pos = batch.checkpoint
+        if self._is_stream(pos):
             await self._stream(batch, item)
             return
         for i, entries in self.split(batch.entries).items():
             await self.links[i].send_entries(entries, item)
-        pos = batch.checkpoint
-        if self.marks is not None and isinstance(pos, StreamPos):
+        if self.marks is not None and isinstance(pos, StreamPos) and pos.shard:
+            # A source shard's snapshot ends: its slots hold its state at ``pos``.
+            self.streaming_shards.add(pos.shard)
+            if pos.shard in self.mark_shards:
+                self.mark_shards.discard(pos.shard)
+                value = self.marks.value(pos.replid, pos.offset, pos.db)
+                per: dict[int, list[Block]] = {}
+                for slot in self.shard_slots[pos.shard]:
+                    blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]],
+                                          multi=False)
+                    per.setdefault(self._owner(slot), []).append(blk)
+                for i, unit in per.items():
+                    await self.links[i].send_unit(unit, item)
+        elif self.marks is not None and isinstance(pos, StreamPos):
             # The snapshot's last batch: from here on every slot holds the source's state
             # at ``pos``; each gets its marker (after its data, on the same connection).
             self.streaming = True
@@ -413,8 +453,12 @@ class ClusterRouter:
         slot's marker; a command spanning slots after a barrier, on its own."""
         pos = batch.checkpoint
         assert isinstance(pos, StreamPos)
+        if batch.entries and batch.entries[0][0] == RAW:
+            raise FatalTaskError("target cluster: forwarded replication bytes cannot be "
+                                 "routed (a bug: the stream must be parsed per command)")
         batch.keys = -(len(batch.entries) + 1)     # ops, counted when acknowledged
         self._stream_replid = pos.replid
+        self._stream_shard = pos.shard
         blocks: dict[int, list[list[bytes]]] = {}
         skipping = self.skip_until >= 0
         skip = self.skip
@@ -456,7 +500,7 @@ class ClusterRouter:
                 await self._cross(p, args, end, db)
             last_end, last_db = end, db
         await self._send_blocks(blocks, pos.offset, pos.db, item, refresh=True)
-        if skipping and pos.offset >= self.skip_until:
+        if skipping and not pos.shard and pos.offset >= self.skip_until:
             self.skip, self.skip_until = {}, -1
 
     async def _send_blocks(self, blocks: dict[int, list[list[bytes]]], end: int, db: int,
@@ -491,13 +535,20 @@ class ClusterRouter:
             unit.append(self._new_block(slot, cmds))
         if refresh:
             # Markers of idle slots, in turn: none stays much older than the stream, so a
-            # master that fails over never sends the resume back further than that.
+            # master that fails over never sends the resume back further than that. (A
+            # cluster source: only the slots of the batch's shard, whose stream it is.)
             now = time.monotonic()
-            n = min(SLOTS, int((now - self._refresh_at) * SLOTS / marks.REFRESH_S))
+            ring: Sequence[int] = range(SLOTS)
+            at, start = self._refresh_at, self._refresh_next
+            if self._stream_shard:
+                ring = self.shard_slots[self._stream_shard]
+                at, start = self._refresh_shard.get(self._stream_shard, (now, 0))
+            n = min(len(ring), int((now - at) * len(ring) / marks.REFRESH_S))
+            if not n and self._stream_shard and self._stream_shard not in self._refresh_shard:
+                self._refresh_shard[self._stream_shard] = (now, 0)
             if n:
-                self._refresh_at = now
                 for k in range(n):
-                    slot = (self._refresh_next + k) % SLOTS
+                    slot = ring[(start + k) % len(ring)]
                     busy_blk = self.slot_busy.get(slot)
                     if slot in blocks or (busy_blk is not None and not busy_blk.done) or \
                             slot in deferred or self._skipped(slot, end + 1):
@@ -505,7 +556,10 @@ class ClusterRouter:
                     blk = self._new_block(slot, [[b"SET", marks.key(slot), value]],
                                           multi=False)
                     units.setdefault(self._owner(slot), []).append(blk)
-                self._refresh_next = (self._refresh_next + n) % SLOTS
+                if self._stream_shard:
+                    self._refresh_shard[self._stream_shard] = (now, (start + n) % len(ring))
+                else:
+                    self._refresh_at, self._refresh_next = now, (start + n) % len(ring)
         for i, unit in units.items():
             await self.links[i].send_unit(unit, item)
 
@@ -626,6 +680,10 @@ class ClusterRouter:
         transaction (a flush removes the markers too)."""
         marks = self.marks
         assert marks is not None
+        if self._stream_shard:
+            raise FatalTaskError("FLUSHALL/FLUSHDB on a cluster source into a cluster "
+                                 "target is not supported yet (it would empty other "
+                                 "shards' slots); resync the task")
         value = marks.value(self._stream_replid, end, db)
         per_node: dict[int, list[int]] = {}
         for slot in range(SLOTS):
@@ -641,7 +699,7 @@ class ClusterRouter:
 
 
 def _merge_queued(batch: Batch, queue: asyncio.Queue[Batch | None],
-                  held: list[Batch | None]) -> Batch:
+                  held: list[Batch | None], is_stream: Callable[[Any], bool]) -> Batch:
     """Fold stream batches already waiting into this one: one block per slot for all of
     them (a busy stream then costs fewer transactions, and a slot waiting for its block in
     flight gathers what comes meanwhile)."""
@@ -651,7 +709,8 @@ def _merge_queued(batch: Batch, queue: asyncio.Queue[Batch | None],
     checkpoint = batch.checkpoint
     while not queue.empty() and len(entries or batch.entries) < MERGE_ENTRIES:
         nxt = queue.get_nowait()
-        if nxt is None or not isinstance(nxt.checkpoint, StreamPos):
+        if nxt is None or not is_stream(nxt.checkpoint) or \
+                nxt.checkpoint.shard != checkpoint.shard:
             held.append(nxt)
             break
         if entries is None:

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from .entry import Batch
 from .errors import EndpointError, FatalTaskError
+from .markers import SlotMarkers
 from .progress import Progress
 from .readers.psync import PsyncReader, StreamPos, key_hash
 from .resp import Connection, keyspace, parse_info
+from .router import ClusterRouter
 from .topology import Shard, Topology, key_slot
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ class ShardState:
 
 async def run_sharded(task: Task, topology: Topology, target: Connection,
                       restarted: bool) -> None:
-    """The psync pipeline of a task whose source is a cluster (standalone target)."""
+    """The psync pipeline of a task whose source is a cluster."""
     from .task import QUEUE_BATCHES, remove_stale_keys, run_pipeline, source_dbs
     spec = task.spec
     states = {shard_key(s): ShardState(shard_key(s), s, spec.source.read_from)
@@ -119,11 +121,31 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                                  f"the task")
     resumes: dict[str, StreamPos | None] = {}
     shard_forced: dict[str, str] = dict(task.checkpoint.get("shard_resync") or {})
+    router: ClusterRouter | None = None
+    marks: dict[int, StreamPos] = {}
+    changed: dict[str, list[int]] = {}
+    if task.topology is not None:
+        # A cluster target: each shard's slots hold its stream's positions in their slot
+        # markers (a slot belongs to one shard on both sides).
+        router = await task._cluster_writer(replace=spec.existing_keys != "skip",
+                                            marks=spec.incremental)
+        router.shard_slots = {k: sorted(st.slots) for k, st in states.items()}
+        if spec.incremental:
+            marks = await task.slot_markers.read(router.conns)
+            ids = await router.identities()
+            recorded = task.checkpoint.get("target_nodes") or {}
+            changed = {sh.master.name: [s for a, b in sh.ranges for s in range(a, b + 1)]
+                       for sh in task.topology.shards
+                       if recorded.get(sh.master.node_id) != ids.get(sh.master.node_id)}
+            task.checkpoint["target_nodes"] = ids
     for key, st in states.items():
         local = StreamPos.from_json(ck.get(key))
         resume = None
         if spec.incremental and not forced:
-            verdict = await task.markers.judge(target, local, key)
+            if router is not None:
+                verdict = SlotMarkers.judge(marks, local, changed, slots=st.slots)
+            else:
+                verdict = await task.markers.judge(target, local, key)
             if verdict.lost:
                 task.progress.target_resets += 1
                 task.set_note(f"shard {st.shard.master.name}: {verdict.lost}")
@@ -133,14 +155,20 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
             resume = verdict.resume if not verdict.full else None
             if resume is not None:
                 resume = dataclasses.replace(resume, shard=key)
+                if verdict.lost and not verdict.full:
+                    ck[key] = resume.to_json()
+            if router is not None and resume is not None:
+                router.resume_shard(key, verdict.skip)
+        if router is not None and resume is None:
+            router.mark_shards.add(key)
         resumes[key] = resume
     task.checkpoint["shard_resync"] = shard_forced
     await task.persist()
 
     queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
     fan = FanIn(queue, len(states))
-    writer = await task._writer(target, replace=spec.existing_keys != "skip",
-                                marker=task._marker if spec.incremental else None)
+    writer = router or await task._writer(target, replace=spec.existing_keys != "skip",
+                                          marker=task._marker if spec.incremental else None)
     applied: dict[str, asyncio.Event] = {k: asyncio.Event() for k in states}
     streaming: set[str] = set()
 
@@ -159,6 +187,8 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                 task.checkpoint["shard_resync"] = shard_forced
                 task.set_note(f"shard {st.shard.master.name}: {why}; its snapshot redone")
                 reader.replace = writer.replace = task._replace(True)
+            if router is not None:
+                router.restart_shard(key)
             st.phase = "snapshot"
             st.progress.source_offset = st.progress.applied_offset = offset
             task.set_phase("snapshot")
@@ -179,7 +209,8 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                     dbs = source_dbs(spec, tdb)
                     return [k for k in keys if key_slot(k) in slots and
                             not any(key_hash(d, k) in seen for d in dbs)]
-                removed = await remove_stale_keys(spec, stale, task._foreign())
+                removed = await remove_stale_keys(spec, stale, task._foreign(),
+                                                  task._cluster_nodes())
                 log.info("task %s: shard %s: resync removed %d target keys the source no "
                          "longer has", spec.task_id, key, removed)
             if shard_forced.pop(key, None) is not None:
@@ -190,7 +221,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         reader = PsyncReader(spec, st.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=redo,
                              on_full_sync=on_full_sync, on_stream=on_stream,
-                             after_rdb=after_rdb)
+                             after_rdb=after_rdb, parse=router is not None)
         reader.name = f"source shard {st.node.name} (slots {st.shard.slots_text()})"
         st.reader = reader
         return reader

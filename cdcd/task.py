@@ -793,9 +793,6 @@ class Task:
         spec = self.spec
         if len(spec.source.addrs) == 1 and not await is_cluster(source):
             return None
-        if self.topology is not None:
-            raise FatalTaskError("a Redis Cluster source into a Redis Cluster target is not "
-                                 "supported yet (a standalone target is)")
         topology = await discover(spec.source, HostMapping(spec.source.host_mapping),
                                   role="source")
         await check_reachable(topology, spec.source, role="source")

@@ -133,12 +133,6 @@ def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
         daemon.ok("create", {**inc_spec(cluster, dst, task_id="scan"), "reader": "scan"})
         view = daemon.wait_state("scan", "Failed")
         assert "psync reader only" in view["reason"], view["reason"]
-        with running_cluster("redis7", replicas=0) as other:
-            daemon.ok("create", {"task_id": "c2c", "source": {"addrs": cluster.addrs},
-                                 "target": {"addrs": other.addrs},
-                                 "migration_method": "full_amount_migration"})
-            view = daemon.wait_state("c2c", "Failed")
-            assert "into a Redis Cluster target is not supported yet" in view["reason"]
 
 
 def test_read_from_replicas_keeps_the_masters_free(servers: Any, daemon: Daemon) -> None:
@@ -184,3 +178,37 @@ def test_resharding_the_source_stops_the_task_until_a_resync(servers: Any,
              max_ops=2000).run_all()
         caught_up(daemon, "rs", cluster)
         exact(cluster, dst)
+
+
+def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> None:
+    """3 source shards into 2 target masters: each slot's marker on the target holds the
+    position of the source shard that owns the slot; a daemon kill -9 resumes each shard."""
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as src, \
+            running_cluster("redis7", masters=2, replicas=0) as dst:
+        fill_cluster(src.client(), 2000)
+        daemon.ok("create", {"task_id": "full", "source": {"addrs": src.addrs},
+                             "target": {"addrs": dst.addrs},
+                             "migration_method": "full_amount_migration"})
+        daemon.wait_state("full", "Succeeded", timeout=90)
+        assert_same(src.client(), dst.client())
+        daemon.ok("create", {"task_id": "inc", "source": {"addrs": src.addrs},
+                             "target": {"addrs": dst.addrs}, "shared_target": True,
+                             "migration_method": "incremental_migration"})
+        wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 60, what="streaming")
+        with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
+            wait_for(lambda: load.ops > 3000, 30, what="some load")
+            daemon.kill()
+            daemon.start()
+            wait_for(lambda: load.ops > 8000, 60, what="more load")
+        caught_up(daemon, "inc", src)
+        marks = set(dst.client().scan_iter(match="cdcd:checkpoint:*", count=5000))
+        assert len(marks) == 16384
+        wait_for(lambda: not diff(src.client(), dst.client(), ignore=marks), 60, 0.5,
+                 what="the target equal to the source")
+        s, d = src.client(), dst.client()
+        for i in range(50):
+            assert s.get(f"counter:{i}") == d.get(f"counter:{i}"), i
+        for i in range(20):
+            assert s.lrange(f"list:{i}", 0, -1) == d.lrange(f"list:{i}", 0, -1), i
+        view = daemon.task("inc")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
