@@ -212,3 +212,30 @@ def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> No
             assert s.lrange(f"list:{i}", 0, -1) == d.lrange(f"list:{i}", 0, -1), i
         view = daemon.task("inc")
         assert view["progress"]["full_resyncs"] == 0, view["reason"]
+
+
+def test_a_source_master_killed_and_its_replica_promoted(servers: Any,
+                                                          daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
+        daemon.ok("create", inc_spec(cluster, dst, task_id="k9"))
+        wait_for(lambda: daemon.task("k9")["phase"] == "incremental", 60, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=4000).run_all()
+        victim, heir = cluster.masters[1], cluster.replicas[1]
+        wait_for(lambda: heir.client().info("replication")["slave_repl_offset"] >=
+                 victim.client().info("replication")["master_repl_offset"], 30,
+                 what="the replica in sync")
+        victim.kill()
+        wait_for(lambda: heir.client().info("replication")["role"] == "master", 30,
+                 what="the cluster promoting the replica")
+        wait_for(lambda: b"cluster_state:ok" in heir.client().execute_command(
+            "CLUSTER", "INFO"), 30, what="cluster_state:ok")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
+             seed=11).run_all()
+        caught_up(daemon, "k9", cluster)
+        exact(cluster, dst)
+        view = daemon.task("k9")
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        stats = heir.client().info("stats")
+        assert stats["sync_full"] == 0 and stats["sync_partial_ok"] >= 1, stats
