@@ -229,8 +229,9 @@ def test_a_source_master_killed_and_its_replica_promoted(servers: Any,
         victim.kill()
         wait_for(lambda: heir.client().info("replication")["role"] == "master", 30,
                  what="the cluster promoting the replica")
-        wait_for(lambda: b"cluster_state:ok" in heir.client().execute_command(
-            "CLUSTER", "INFO"), 30, what="cluster_state:ok")
+        live = [n for n in cluster.nodes if n is not victim]
+        wait_for(lambda: all(b"cluster_state:ok" in n.client().execute_command(
+            "CLUSTER", "INFO") for n in live), 30, what="cluster_state:ok everywhere")
         Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
              seed=11).run_all()
         caught_up(daemon, "k9", cluster)
