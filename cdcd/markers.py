@@ -14,7 +14,7 @@ lives here.
 from __future__ import annotations
 
 from binascii import crc_hqx
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -210,23 +210,27 @@ class SlotMarkers:
     def value(replid: str, offset: int, db: int) -> bytes:
         return f"{replid} {offset} {db}".encode()
 
+    async def _scan(self, conn: Connection) -> AsyncIterator[list[bytes]]:
+        """The task's slot markers on one master, a SCAN page at a time."""
+        cursor = b"0"
+        while True:
+            cursor, keys = await conn.call("SCAN", cursor, "MATCH", self.prefix + b"*",
+                                           "COUNT", 2000)
+            if keys:
+                yield keys
+            if cursor == b"0":
+                return
+
     async def read(self, conns: Sequence[Connection]) -> dict[int, StreamPos]:
         """Every slot marker the masters hold: slot -> position."""
         from .topology import key_slot
         out: dict[int, StreamPos] = {}
-        pattern = self.prefix + b"*"
         for conn in conns:
-            cursor = b"0"
-            while True:
-                cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern,
-                                               "COUNT", 2000)
-                if keys:
-                    values = await conn.pipeline([["GET", k] for k in keys])
-                    for k, raw in zip(keys, values):
-                        if isinstance(raw, bytes):     # else moved meanwhile
-                            out[key_slot(k)] = self._parse(conn, k, raw)
-                if cursor == b"0":
-                    break
+            async for keys in self._scan(conn):
+                values = await conn.pipeline([["GET", k] for k in keys])
+                for k, raw in zip(keys, values):
+                    if isinstance(raw, bytes):     # else moved meanwhile
+                        out[key_slot(k)] = self._parse(conn, k, raw)
         missing = [s for s in range(SLOTS) if s not in out]
         if missing and len(missing) < SLOTS:
             # A slot migrating between masters while we scanned them one after the other:
@@ -252,17 +256,10 @@ class SlotMarkers:
 
     async def purge(self, conns: Sequence[Connection]) -> int:
         removed = 0
-        pattern = self.prefix + b"*"
         for conn in conns:
-            cursor = b"0"
-            while True:
-                cursor, keys = await conn.call("SCAN", cursor, "MATCH", pattern,
-                                               "COUNT", 2000)
-                if keys:
-                    replies = await conn.pipeline([["DEL", k] for k in keys])
-                    removed += sum(r for r in replies if isinstance(r, int))
-                if cursor == b"0":
-                    break
+            async for keys in self._scan(conn):
+                replies = await conn.pipeline([["DEL", k] for k in keys])
+                removed += sum(r for r in replies if isinstance(r, int))
         return removed
 
     @staticmethod

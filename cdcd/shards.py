@@ -131,13 +131,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                                             marks=spec.incremental)
         router.shard_slots = {k: sorted(st.slots) for k, st in states.items()}
         if spec.incremental:
-            marks = await task.slot_markers.read(router.conns)
-            ids = await router.identities()
-            recorded = task.checkpoint.get("target_nodes") or {}
-            changed = {sh.master.name: [s for a, b in sh.ranges for s in range(a, b + 1)]
-                       for sh in task.topology.shards
-                       if recorded.get(sh.master.node_id) != ids.get(sh.master.node_id)}
-            task.checkpoint["target_nodes"] = ids
+            marks, changed = await task.cluster_marks(router)
     for key, st in states.items():
         local = StreamPos.from_json(ck.get(key))
         resume = None

@@ -777,6 +777,14 @@ class Task:
         not the server the checkpoint was written to (restarted, or a promoted replica)
         may hold less: its slots' markers say how much. The masters of now are recorded
         with the position the task resumes from."""
+        marks, changed = await self.cluster_marks(router)
+        return SlotMarkers.judge(marks, local, changed)
+
+    async def cluster_marks(self, router: ClusterRouter
+                            ) -> tuple[dict[int, StreamPos], dict[str, list[int]]]:
+        """The slot markers a cluster target holds, and its masters that are not the
+        servers the checkpoint was written to, with their slots; the masters of now are
+        recorded in the checkpoint."""
         assert self.topology is not None
         marks = await self.slot_markers.read(router.conns)
         ids = await router.identities()
@@ -784,9 +792,8 @@ class Task:
         changed = {s.master.name: [slot for a, b in s.ranges for slot in range(a, b + 1)]
                    for s in self.topology.shards
                    if recorded.get(s.master.node_id) != ids.get(s.master.node_id)}
-        verdict = SlotMarkers.judge(marks, local, changed)
         self.checkpoint["target_nodes"] = ids
-        return verdict
+        return marks, changed
 
     async def _source_topology(self, source: Connection) -> Topology | None:
         """A cluster source's masters and slots (None for a standalone source)."""

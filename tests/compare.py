@@ -238,3 +238,11 @@ def write_commands(c: "redis.Redis[bytes]") -> dict[str, int]:
         if cmd not in readonly:
             out[cmd] = int(v["calls"])
     return out
+
+
+def assert_counters_and_lists(src: "redis.Redis[bytes]", dst: "redis.Redis[bytes]") -> None:
+    """The keys of Load(kinds="counters+lists"): a command applied twice or lost shows."""
+    for i in range(50):
+        assert src.get(f"counter:{i}") == dst.get(f"counter:{i}"), i
+    for i in range(20):
+        assert src.lrange(f"list:{i}", 0, -1) == dst.lrange(f"list:{i}", 0, -1), i

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from .cluster import running_cluster
-from .compare import assert_same, diff
+from .compare import assert_counters_and_lists, assert_same, diff
 from .daemon import Daemon
 from .load import Load
 from .servers import wait_for
@@ -53,14 +53,10 @@ def caught_up(daemon: Daemon, task_id: str, cluster: Any) -> None:
     wait_for(ok, 90, 0.2, what="every shard caught up")
 
 
-def exact(cluster: Any, dst: Any) -> None:
-    wait_for(lambda: not diff(cluster.client(), dst.client(), ignore=()), 60, 0.5,
+def exact(cluster: Any, dst: Any, ignore: Any = ()) -> None:
+    wait_for(lambda: not diff(cluster.client(), dst.client(), ignore=ignore), 60, 0.5,
              what="the target equal to the source")
-    s, d = cluster.client(), dst.client()
-    for i in range(50):
-        assert s.get(f"counter:{i}") == d.get(f"counter:{i}"), i
-    for i in range(20):
-        assert s.lrange(f"list:{i}", 0, -1) == d.lrange(f"list:{i}", 0, -1), i
+    assert_counters_and_lists(cluster.client(), dst.client())
 
 
 @pytest.mark.parametrize("flavour", ["redis7", "redis6", "valkey8"])
@@ -103,28 +99,37 @@ def test_incremental_from_a_cluster_through_daemon_kills(servers: Any,
         assert not list(dst.client(marker_db).scan_iter(match="cdcd:*"))
 
 
+def shard_failover(daemon: Daemon, dst: Any, cluster: Any, task_id: str, heir: Any,
+                   fail: Any) -> None:
+    """Stream a load, fail a shard over with ``fail()`` (``heir`` its new master), stream
+    more: the shard must continue with a partial resync and the target end exact."""
+    daemon.ok("create", inc_spec(cluster, dst, task_id=task_id))
+    wait_for(lambda: daemon.task(task_id)["phase"] == "incremental", 60, what="streaming")
+    Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+         max_ops=4000).run_all()
+    fail()
+    wait_for(lambda: heir.client().info("replication")["role"] == "master", 30,
+             what="the replica taking over")
+    live = [n for n in cluster.nodes if n.proc is not None and n.proc.poll() is None]
+    wait_for(lambda: all(b"cluster_state:ok" in n.client().execute_command(
+        "CLUSTER", "INFO") for n in live), 30, what="cluster_state:ok everywhere")
+    Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
+         seed=5).run_all()
+    caught_up(daemon, task_id, cluster)
+    exact(cluster, dst)
+    view = daemon.task(task_id)
+    assert view["progress"]["full_resyncs"] == 0, view["reason"]
+    stats = heir.client().info("stats")
+    assert stats["sync_full"] == 0 and stats["sync_partial_ok"] >= 1, stats
+    assert any(sh["node"].startswith(heir.addr) for sh in view["progress"]["shards"])
+
+
 def test_a_source_shard_fails_over_with_a_partial_resync(servers: Any,
                                                          daemon: Daemon) -> None:
-    dst = servers()
     with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
-        daemon.ok("create", inc_spec(cluster, dst, task_id="fo"))
-        wait_for(lambda: daemon.task("fo")["phase"] == "incremental", 60, what="streaming")
-        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
-             max_ops=4000).run_all()
         replica = cluster.replicas[0]
-        replica.client().execute_command("CLUSTER", "FAILOVER")
-        wait_for(lambda: replica.client().info("replication")["role"] == "master", 30,
-                 what="the replica taking over")
-        cluster.wait_ok()
-        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
-             seed=5).run_all()
-        caught_up(daemon, "fo", cluster)
-        exact(cluster, dst)
-        view = daemon.task("fo")
-        assert view["progress"]["full_resyncs"] == 0, view["reason"]
-        stats = replica.client().info("stats")
-        assert stats["sync_full"] == 0 and stats["sync_partial_ok"] >= 1, stats
-        assert any(sh["node"].startswith(replica.addr) for sh in view["progress"]["shards"])
+        shard_failover(daemon, servers(), cluster, "fo", replica,
+                       lambda: replica.client().execute_command("CLUSTER", "FAILOVER"))
 
 
 def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
@@ -203,40 +208,19 @@ def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> No
         caught_up(daemon, "inc", src)
         marks = set(dst.client().scan_iter(match="cdcd:checkpoint:*", count=5000))
         assert len(marks) == 16384
-        wait_for(lambda: not diff(src.client(), dst.client(), ignore=marks), 60, 0.5,
-                 what="the target equal to the source")
-        s, d = src.client(), dst.client()
-        for i in range(50):
-            assert s.get(f"counter:{i}") == d.get(f"counter:{i}"), i
-        for i in range(20):
-            assert s.lrange(f"list:{i}", 0, -1) == d.lrange(f"list:{i}", 0, -1), i
+        exact(src, dst, ignore=marks)
         view = daemon.task("inc")
         assert view["progress"]["full_resyncs"] == 0, view["reason"]
 
 
 def test_a_source_master_killed_and_its_replica_promoted(servers: Any,
                                                           daemon: Daemon) -> None:
-    dst = servers()
     with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
-        daemon.ok("create", inc_spec(cluster, dst, task_id="k9"))
-        wait_for(lambda: daemon.task("k9")["phase"] == "incremental", 60, what="streaming")
-        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
-             max_ops=4000).run_all()
         victim, heir = cluster.masters[1], cluster.replicas[1]
-        wait_for(lambda: heir.client().info("replication")["slave_repl_offset"] >=
-                 victim.client().info("replication")["master_repl_offset"], 30,
-                 what="the replica in sync")
-        victim.kill()
-        wait_for(lambda: heir.client().info("replication")["role"] == "master", 30,
-                 what="the cluster promoting the replica")
-        live = [n for n in cluster.nodes if n is not victim]
-        wait_for(lambda: all(b"cluster_state:ok" in n.client().execute_command(
-            "CLUSTER", "INFO") for n in live), 30, what="cluster_state:ok everywhere")
-        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=4000,
-             seed=11).run_all()
-        caught_up(daemon, "k9", cluster)
-        exact(cluster, dst)
-        view = daemon.task("k9")
-        assert view["progress"]["full_resyncs"] == 0, view["reason"]
-        stats = heir.client().info("stats")
-        assert stats["sync_full"] == 0 and stats["sync_partial_ok"] >= 1, stats
+
+        def kill() -> None:
+            wait_for(lambda: heir.client().info("replication")["slave_repl_offset"] >=
+                     victim.client().info("replication")["master_repl_offset"], 30,
+                     what="the replica in sync")
+            victim.kill()
+        shard_failover(daemon, servers(), cluster, "k9", heir, kill)
