@@ -81,6 +81,16 @@ class TaskCollector(Collector):
                       "continuous_verify round")
         drift_total = counter("cdcd_verify_drift_keys_found", "Keys found different by "
                               "every continuous_verify round")
+        shard_labels = ["task_id", "shard", "node"]
+        shard_lag = GaugeMetricFamily("cdcd_shard_lag_bytes", "A cluster source's shard: "
+                                      "its source offset minus its applied offset",
+                                      labels=shard_labels)
+        shard_applied = GaugeMetricFamily("cdcd_shard_applied_offset", "A cluster source's "
+                                          "shard: the replication offset the target holds",
+                                          labels=shard_labels)
+        shard_resyncs = CounterMetricFamily("cdcd_shard_full_resyncs", "A cluster source's "
+                                            "shard: its snapshots redone",
+                                            labels=shard_labels)
         for task in list(self.manager.tasks.values()):
             tid = task.spec.task_id
             p = task.progress
@@ -104,8 +114,15 @@ class TaskCollector(Collector):
                 lag_b.add_metric([tid], max(0, p.source_offset - p.applied_offset))
                 if p.lag_ms is not None:
                     lag_s.add_metric([tid], p.lag_ms / 1000.0)
+            for st in list(task.shard_states.values()):
+                v = st.view()
+                labels = [tid, v["shard"], v["node"]]
+                shard_lag.add_metric(labels, v["lag_bytes"])
+                shard_applied.add_metric(labels, v["applied_offset"])
+                shard_resyncs.add_metric(labels, v["full_resyncs"])
         yield from (state, keys, expected, skipped, sbytes, written, ops, lag_b, lag_s,
-                    retries, errors, resyncs, resets, evicted, drift, drift_total)
+                    retries, errors, resyncs, resets, evicted, drift, drift_total,
+                    shard_lag, shard_applied, shard_resyncs)
         verifications = GaugeMetricFamily("cdcd_verifications", "Verifications kept in "
                                           "memory, by state", labels=["state"])
         counts = self.manager.verifications.states()

@@ -175,8 +175,9 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                 st.progress.full_resyncs += 1
                 task.progress.full_resyncs += 1
                 why = shard_forced.get(key) or forced or (
-                    f"source answered a full resync (offset "
-                    f"{resume.offset + 1 if resume else 0} no longer in its backlog)")
+                    f"source answered a full resync (offset {resume.offset + 1} no longer "
+                    f"in its backlog)" if resume is not None else
+                    "its first snapshot was interrupted")
                 shard_forced[key] = str(why)
                 task.checkpoint["shard_resync"] = shard_forced
                 task.set_note(f"shard {st.shard.master.name}: {why}; its snapshot redone")

@@ -5,6 +5,7 @@ daemon kill -9 and continuing with a partial resync after a shard's failover."""
 from __future__ import annotations
 
 import os
+import urllib.request
 from typing import Any
 
 import pytest
@@ -74,10 +75,11 @@ def test_full_copy_of_a_cluster(flavour: str, servers: Any, daemon: Daemon) -> N
         assert "one psync link each" in checks["source.topology"]["message"]
 
 
-def test_incremental_from_a_cluster_through_daemon_kills(servers: Any,
+@pytest.mark.parametrize("flavour", ["redis7", "redis6", "valkey8"])
+def test_incremental_from_a_cluster_through_daemon_kills(flavour: str, servers: Any,
                                                         daemon: Daemon) -> None:
-    dst = servers()
-    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+    dst = servers(flavour)
+    with running_cluster(flavour, replicas=0, args=BACKLOG) as cluster:
         fill_cluster(cluster.client(), 1000)
         daemon.ok("create", inc_spec(cluster, dst, task_id="inc"))
         wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 60, what="streaming")
@@ -92,6 +94,9 @@ def test_incremental_from_a_cluster_through_daemon_kills(servers: Any,
         view = daemon.task("inc")
         assert view["progress"]["full_resyncs"] == 0, view["reason"]
         assert {sh["phase"] for sh in view["progress"]["shards"]} == {"incremental"}
+        with urllib.request.urlopen(daemon.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert text.count('cdcd_shard_lag_bytes{node=') == 3, text[:2000]
         # one marker per shard, in the marker db
         marker_db = int(view["markers"][0].split(":")[0].split()[1])
         assert len(list(dst.client(marker_db).scan_iter(match="cdcd:checkpoint:inc:*"))) == 3
@@ -224,3 +229,28 @@ def test_a_source_master_killed_and_its_replica_promoted(servers: Any,
                      what="the replica in sync")
             victim.kill()
         shard_failover(daemon, servers(), cluster, "k9", heir, kill)
+
+
+def test_daemon_killed_during_a_three_shard_snapshot(servers: Any, daemon: Daemon) -> None:
+    dst = servers()
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+        c = cluster.client()
+        fill_cluster(c, 3000)
+        pipe = c.pipeline(transaction=False)
+        for i in range(3000):
+            pipe.set(f"big:{i}", os.urandom(1000))
+        pipe.execute()
+        daemon.ok("create", {**inc_spec(cluster, dst, task_id="snap"),
+                             "bandwidth_limit_mb": 1})
+        wait_for(lambda: daemon.task("snap")["progress"]["snapshot"]["keys_done"] > 500, 60,
+                 what="the snapshot under way")
+        daemon.kill()
+        c.delete(*[f"k:{i}" for i in range(100)])      # deleted meanwhile: must not stay
+        c.set("new-key", "x")
+        daemon.start()
+        daemon.ok("update", {"task_id": "snap", "bandwidth_limit_mb": 10240})
+        wait_for(lambda: daemon.task("snap")["phase"] == "incremental", 90, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=2000).run_all()
+        caught_up(daemon, "snap", cluster)
+        exact(cluster, dst)
