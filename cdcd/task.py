@@ -23,7 +23,7 @@ from .errors import (
     TopologyChanged,
 )
 from .identity import find_conflict, same_server
-from .markers import Markers, SlotMarkers, Verdict, choose_db, is_cdcd_key
+from .markers import Markers, SlotMarkers, Verdict, choose_db, is_cdcd_key, slot_tags
 from .precheck import PREFIX_SCAN_LIMIT, Check, run_prechecks
 from .progress import Progress
 from .ratelimit import TokenBucket
@@ -762,6 +762,8 @@ class Task:
 
     async def _cluster_writer(self, *, replace: bool, marks: bool = False) -> ClusterRouter:
         assert self.topology is not None
+        if marks:
+            await asyncio.to_thread(slot_tags)    # 0.2 s once: not on the event loop
         router = ClusterRouter(self.topology, self.spec.target, progress=self.progress,
                                replace=replace, limiter=self.bandwidth,
                                io_timeout=float(self.spec.link_timeout_s),

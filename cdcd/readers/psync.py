@@ -39,6 +39,7 @@ from .keys import CommandFilter
 log = logging.getLogger("cdcd.reader.psync")
 
 READ_CHUNK = 1 << 18
+RDB_SLICE = 1 << 14
 BATCH_ENTRIES = 2048
 BATCH_BYTES = 1 << 20
 # A stream read shorter than this waits COALESCE_S before the next read.
@@ -289,7 +290,11 @@ class PsyncReader:
         seen: set[int] | None = set() if self.resyncing else None
         try:
             while not splitter.done:
-                data = await self._read(conn)
+                # Slices of RDB_SLICE, each a turn of the event loop: neither read() of
+                # buffered data nor put() into a queue with room yields, and the API (and
+                # a cluster's other shards) must get their turn every millisecond or so.
+                await asyncio.sleep(0)
+                data = await self._read(conn, RDB_SLICE)
                 if remaining >= 0:
                     if len(data) > remaining:
                         self._buf = data[remaining:]
