@@ -147,6 +147,8 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                     shard_forced[key] = verdict.lost
                     ck.pop(key, None)
             resume = verdict.resume if not verdict.full else None
+            if key in shard_forced:
+                resume = None       # its redone snapshot's stale keys are not removed yet
             if resume is not None:
                 resume = dataclasses.replace(resume, shard=key)
                 if verdict.lost and not verdict.full:
@@ -180,6 +182,10 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                     "its first snapshot was interrupted")
                 shard_forced[key] = str(why)
                 task.checkpoint["shard_resync"] = shard_forced
+                if forced and all(k in shard_forced for k in states):
+                    # every shard now carries the resync itself (until its stale keys
+                    # are removed): the task-wide flag has done its work
+                    task.checkpoint.pop("resync", None)
                 task.set_note(f"shard {st.shard.master.name}: {why}; its snapshot redone")
                 reader.replace = writer.replace = task._replace(True)
             if router is not None:

@@ -188,6 +188,15 @@ def test_resharding_the_source_stops_the_task_until_a_resync(servers: Any,
              max_ops=2000).run_all()
         caught_up(daemon, "rs", cluster)
         exact(cluster, dst)
+        # the resync is done: a restart resumes every shard, no new snapshot
+        resyncs = daemon.task("rs")["progress"]["full_resyncs"]
+        daemon.kill()
+        daemon.start()
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists", max_ops=1000,
+             seed=3).run_all()
+        caught_up(daemon, "rs", cluster)
+        exact(cluster, dst)
+        assert daemon.task("rs")["progress"]["full_resyncs"] == resyncs
 
 
 def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> None:
