@@ -72,8 +72,6 @@ class ClusterRouter:
         self._replace = replace
         self.limiter = limiter
         self.io_timeout = io_timeout
-        self.conns: list[Connection] = []
-        self.writers: list[Writer] = []
         self.links: list[NodeLink] = []
         self.slot_node = [topology.owner[s] for s in range(len(topology.owner))]
         # The command stream (incremental tasks): slot markers, what each slot already
@@ -89,11 +87,10 @@ class ClusterRouter:
         self.shard_slots: dict[str, list[int]] = {}
         self.streaming_shards: set[str] = set()
         self.mark_shards: set[str] = set()
-        self._refresh_shard: dict[str, tuple[float, int]] = {}
+        # marker refresh, per stream ("" unless a cluster source): (when, next slot index)
+        self._refresh: dict[str, tuple[float, int]] = {"": (time.monotonic(), 0)}
         self.db_map = db_map
         self.tmp_prefix = b"cdcd:tmp:" + task_id.encode() + b":x:"
-        self._refresh_at = time.monotonic()
-        self._refresh_next = 0
         self._stream_replid = ""
         self._stream_shard = ""
         self._idle = asyncio.Event()
@@ -142,19 +139,31 @@ class ClusterRouter:
         for w in self.writers:
             w.replace = value
 
+    @property
+    def conns(self) -> list[Connection]:
+        return [link.conn for link in self.links]
+
+    @property
+    def writers(self) -> list[Writer]:
+        return [link.writer for link in self.links]
+
     async def open(self) -> None:
         try:
             for node in self.topology.masters:
-                conn = await Connection.open(*node.dial, role="target", ep=self.ep,
-                                             io_timeout=self.io_timeout)
-                self.conns.append(conn)
-                writer = Writer(conn, progress=self.progress, replace=self._replace,
-                                db_map=_to_db0, limiter=self.limiter)
-                self.writers.append(writer)
-                self.links.append(NodeLink(conn, writer, node, self))
+                await self._connect(node)
         except BaseException:
             self.close()
             raise
+
+    async def _connect(self, node: Node) -> NodeLink:
+        """A connection to a master, its snapshot Writer and its link (appended)."""
+        conn = await Connection.open(*node.dial, role="target", ep=self.ep,
+                                     io_timeout=self.io_timeout)
+        writer = Writer(conn, progress=self.progress, replace=self._replace, db_map=_to_db0,
+                        limiter=self.limiter)
+        link = NodeLink(conn, writer, node, self)
+        self.links.append(link)
+        return link
 
     def close(self) -> None:
         for conn in self.conns:
@@ -364,16 +373,8 @@ class ClusterRouter:
                 return i
         host, _, port = addr.rpartition(":")
         announced = (host.strip("[]"), int(port))
-        node = Node(node_id="", announced=announced, dial=self.mapping.dial(announced),
-                    role="master")
-        conn = await Connection.open(*node.dial, role="target", ep=self.ep,
-                                     io_timeout=self.io_timeout)
-        self.conns.append(conn)
-        writer = Writer(conn, progress=self.progress, replace=self._replace, db_map=_to_db0,
-                        limiter=self.limiter)
-        self.writers.append(writer)
-        link = NodeLink(conn, writer, node, self)
-        self.links.append(link)
+        link = await self._connect(Node(node_id="", announced=announced,
+                                        dial=self.mapping.dial(announced), role="master"))
         link.collector = self._tg.create_task(self._collect(link))
         return len(self.links) - 1
 
@@ -396,28 +397,26 @@ class ClusterRouter:
             self.streaming_shards.add(pos.shard)
             if pos.shard in self.mark_shards:
                 self.mark_shards.discard(pos.shard)
-                value = self.marks.value(pos.replid, pos.offset, pos.db)
-                per: dict[int, list[Block]] = {}
-                for slot in self.shard_slots[pos.shard]:
-                    blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]],
-                                          multi=False)
-                    per.setdefault(self._owner(slot), []).append(blk)
-                for i, unit in per.items():
-                    await self.links[i].send_unit(unit, item)
+                await self._mark(self.shard_slots[pos.shard], pos, item)
         elif self.marks is not None and isinstance(pos, StreamPos):
             # The snapshot's last batch: from here on every slot holds the source's state
             # at ``pos``; each gets its marker (after its data, on the same connection).
             self.streaming = True
             if self.mark_all:
                 self.mark_all = False
-                value = self.marks.value(pos.replid, pos.offset, pos.db)
-                units: dict[int, list[Block]] = {}
-                for slot in range(SLOTS):
-                    blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]],
-                                          multi=False)
-                    units.setdefault(self._owner(slot), []).append(blk)
-                for i, unit in units.items():
-                    await self.links[i].send_unit(unit, item)
+                await self._mark(range(SLOTS), pos, item)
+
+    async def _mark(self, slots: Sequence[int], pos: StreamPos, item: list[Any]) -> None:
+        """Set the markers of ``slots`` to ``pos`` (a snapshot's end), each on its master
+        behind the snapshot's data."""
+        assert self.marks is not None
+        value = self.marks.value(pos.replid, pos.offset, pos.db)
+        units: dict[int, list[Block]] = {}
+        for slot in slots:
+            blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]], multi=False)
+            units.setdefault(self._owner(slot), []).append(blk)
+        for i, unit in units.items():
+            await self.links[i].send_unit(unit, item)
 
     def restart_snapshot(self) -> None:
         """The source answered a full resync: snapshot batches come again, and every slot
@@ -538,14 +537,10 @@ class ClusterRouter:
             # master that fails over never sends the resume back further than that. (A
             # cluster source: only the slots of the batch's shard, whose stream it is.)
             now = time.monotonic()
-            ring: Sequence[int] = range(SLOTS)
-            at, start = self._refresh_at, self._refresh_next
-            if self._stream_shard:
-                ring = self.shard_slots[self._stream_shard]
-                at, start = self._refresh_shard.get(self._stream_shard, (now, 0))
+            shard = self._stream_shard
+            ring: Sequence[int] = self.shard_slots[shard] if shard else range(SLOTS)
+            at, start = self._refresh.setdefault(shard, (now, 0))
             n = min(len(ring), int((now - at) * len(ring) / marks.REFRESH_S))
-            if not n and self._stream_shard and self._stream_shard not in self._refresh_shard:
-                self._refresh_shard[self._stream_shard] = (now, 0)
             if n:
                 for k in range(n):
                     slot = ring[(start + k) % len(ring)]
@@ -556,10 +551,7 @@ class ClusterRouter:
                     blk = self._new_block(slot, [[b"SET", marks.key(slot), value]],
                                           multi=False)
                     units.setdefault(self._owner(slot), []).append(blk)
-                if self._stream_shard:
-                    self._refresh_shard[self._stream_shard] = (now, (start + n) % len(ring))
-                else:
-                    self._refresh_at, self._refresh_next = now, (start + n) % len(ring)
+                self._refresh[shard] = (now, (start + n) % len(ring))
         for i, unit in units.items():
             await self.links[i].send_unit(unit, item)
 
