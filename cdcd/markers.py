@@ -28,6 +28,21 @@ MARKER_DB = 0                       # where markers lived before choose_db, and 
 CDCD_PREFIXES = (PREFIX, TMP_PREFIX)
 
 
+def parse_marker(conn: Connection, key: bytes, raw: bytes, *, data: bool = False
+                 ) -> StreamPos:
+    """A marker's value: ``replid offset db``, and with ``data`` (a task's marker, not a
+    slot's) optionally where the last data command ended."""
+    try:
+        replid, offset, db, *rest = raw.decode().split()
+        if len(rest) > int(data):
+            raise ValueError(raw)
+        return StreamPos(replid=replid, offset=int(offset), db=int(db),
+                         data=int(rest[0]) if rest else -1)
+    except ValueError:
+        raise FatalTaskError(f"{conn.name}: checkpoint key {key[:80].decode(errors='replace')}"
+                             f" holds {raw[:60]!r}, not a cdcd checkpoint") from None
+
+
 def is_cdcd_key(key: bytes) -> bool:
     """Say whether a target key is cdcd's own (a marker or a big key being rebuilt)."""
     return key.startswith(CDCD_PREFIXES)
@@ -90,18 +105,11 @@ class Markers:
     async def read(self, conn: Connection, shard: str = "") -> StreamPos | None:
         """Read the position the target holds (None when it has no marker)."""
         await conn.select(self.db)
-        raw = await conn.call("GET", self.key_for(shard))
+        key = self.key_for(shard)
+        raw = await conn.call("GET", key)
         if not raw:
             return None
-        try:
-            replid, offset, db, *data = raw.decode().split()
-            if len(data) > 1:
-                raise ValueError(raw)
-            return StreamPos(replid=replid, offset=int(offset), db=int(db),
-                             data=int(data[0]) if data else -1)
-        except ValueError:
-            raise FatalTaskError(f"{conn.name}: checkpoint key {self.key.decode()} holds "
-                                 f"{raw[:60]!r}, not a cdcd checkpoint") from None
+        return parse_marker(conn, key, raw, data=True)
 
     async def purge(self, conn: Connection) -> int:
         """Delete the marker and a cluster source's per-shard markers (SCAN, never KEYS:
@@ -235,7 +243,7 @@ class SlotMarkers:
                 values = await conn.pipeline([["GET", k] for k in keys])
                 for k, raw in zip(keys, values):
                     if isinstance(raw, bytes):     # else moved meanwhile
-                        out[key_slot(k)] = self._parse(conn, k, raw)
+                        out[key_slot(k)] = parse_marker(conn, k, raw)
         missing = [s for s in range(SLOTS) if s not in out]
         if missing and len(missing) < SLOTS:
             # A slot migrating between masters while we scanned them one after the other:
@@ -247,17 +255,8 @@ class SlotMarkers:
                 replies = await conn.pipeline(cmds)
                 for slot, raw in zip(missing, replies[1::2]):
                     if isinstance(raw, bytes) and slot not in out:
-                        out[slot] = self._parse(conn, self.key(slot), raw)
+                        out[slot] = parse_marker(conn, self.key(slot), raw)
         return out
-
-    @staticmethod
-    def _parse(conn: Connection, key: bytes, raw: bytes) -> StreamPos:
-        try:
-            replid, offset, db = raw.decode().split()
-            return StreamPos(replid=replid, offset=int(offset), db=int(db))
-        except ValueError:
-            raise FatalTaskError(f"{conn.name}: checkpoint key {key[:80]!r} holds "
-                                 f"{raw[:60]!r}, not a cdcd checkpoint") from None
 
     async def purge(self, conns: Sequence[Connection]) -> int:
         removed = 0

@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 
 from .errors import EndpointError
-from .resp import Connection, ServerReplyError
+from .resp import Connection
 from .spec import Endpoint, TaskSpec
 
 TIMEOUT = 5.0
@@ -37,10 +37,7 @@ async def master_of(ep: Endpoint, role: str) -> tuple[str, int]:
         try:
             reply = await conn.call("SENTINEL", "get-master-addr-by-name", s.master_name,
                                     timeout=TIMEOUT)
-        except ServerReplyError as exc:
-            errors.append(exc.message)
-            continue
-        except EndpointError as exc:
+        except EndpointError as exc:    # an error reply (ServerReplyError) or a lost link
             errors.append(exc.message)
             continue
         finally:
