@@ -32,7 +32,7 @@ from .identity import resolve_async
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
 from .scope import writes_db
 from .spec import Endpoint, TaskSpec
-from .topology import HostMapping, check_reachable, discover
+from .topology import HostMapping, Topology, check_reachable, discover
 
 log = logging.getLogger("cdcd.precheck")
 
@@ -739,6 +739,19 @@ def is_cluster_side(side: _Side) -> bool:
     return len(side.ep.addrs) > 1 or side.info.get("cluster_enabled") == "1"
 
 
+async def _reachable_cluster(ep: Endpoint, role: str) -> Topology:
+    """A cluster side's shape, every master connected to once (after host mapping)."""
+    topo = await discover(ep, HostMapping(ep.host_mapping), role=role,
+                          timeout=CONNECT_TIMEOUT)
+    await check_reachable(topo, ep, role=role, timeout=CONNECT_TIMEOUT)
+    return topo
+
+
+def _uncovered(topo: Topology) -> str:
+    gaps = ", ".join(f"{a}-{b}" for a, b in topo.uncovered()[:5])
+    return f"slots {gaps} are served by no master"
+
+
 async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: bool) -> Check:
     """A Redis Cluster target: every master reachable after host mapping
     and a master, cluster_state ok everywhere, all 16384 slots served, every source db
@@ -746,15 +759,12 @@ async def _cluster_target_check(src: _Side, dst: _Side, spec: TaskSpec, fresh: b
     master for its share of the source."""
     name = "target.topology"
     try:
-        topo = await discover(spec.target, HostMapping(spec.target.host_mapping),
-                              role="target", timeout=CONNECT_TIMEOUT)
-        await check_reachable(topo, spec.target, role="target", timeout=CONNECT_TIMEOUT)
+        topo = await _reachable_cluster(spec.target, "target")
     except CdcdError as exc:
         return Check(name=name, status="error", message=exc.message)
     problems: list[str] = []
     if topo.uncovered():
-        gaps = ", ".join(f"{a}-{b}" for a, b in topo.uncovered()[:5])
-        problems.append(f"slots {gaps} are served by no master")
+        problems.append(_uncovered(topo))
     held = 0
     for node in topo.masters:
         conn = await Connection.open(*node.dial, role="target", ep=spec.target,
@@ -800,16 +810,12 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
                      message=f"{src.name} is a Redis Cluster: a cluster source is read with "
                              f"the psync reader only (reader scan: not supported yet)")
     try:
-        topo = await discover(spec.source, HostMapping(spec.source.host_mapping),
-                              role="source", timeout=CONNECT_TIMEOUT)
-        await check_reachable(topo, spec.source, role="source", timeout=CONNECT_TIMEOUT)
+        topo = await _reachable_cluster(spec.source, "source")
     except CdcdError as exc:
         return Check(name=name, status="error", message=exc.message)
     if topo.uncovered():
-        gaps = ", ".join(f"{a}-{b}" for a, b in topo.uncovered()[:5])
         return Check(name=name, status="error",
-                     message=f"{src.name} (Redis Cluster): slots {gaps} are served by no "
-                             f"master")
+                     message=f"{src.name} (Redis Cluster): {_uncovered(topo)}")
     if spec.source.read_from == "replica":
         bare = [s.master.name for s in topo.shards if not any(r.healthy for r in s.replicas)]
         if bare:
