@@ -26,6 +26,13 @@ def inc_spec(src: Any, addrs: str, **kw: Any) -> dict[str, Any]:
             "migration_method": "incremental_migration", "reader": "psync", **kw}
 
 
+def start(daemon: Daemon, spec: dict[str, Any]) -> None:
+    """Create the task and wait until it streams."""
+    daemon.ok("create", spec)
+    wait_for(lambda: daemon.task(spec["task_id"])["phase"] == "incremental", 60,
+             what="the stream phase")
+
+
 def markers(cluster: Any) -> set[bytes]:
     return set(cluster.client().scan_iter(match=MARKERS, count=5000))
 
@@ -47,9 +54,7 @@ def test_incremental_into_a_cluster_with_cross_slot_commands(flavour: str, serve
     src = servers(flavour)
     fill_mixed(src.client(), big=False)
     with running_cluster(flavour, replicas=0) as cluster:
-        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="inc"))
-        wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 60,
-                 what="the stream phase")
+        start(daemon, inc_spec(src, cluster.addrs, task_id="inc"))
         Load(lambda db: src.client(), dbs=(0,), kinds="crossslot", max_ops=3000).run_all()
         Load(lambda db: src.client(), dbs=(0,), kinds="mixed", max_ops=2000, seed=3).run_all()
         caught_up(daemon, "inc")
@@ -81,9 +86,7 @@ BACKLOG = ["--repl-backlog-size", "256mb"]
 def test_daemon_kill_under_load_into_a_cluster(servers: Any, daemon: Daemon) -> None:
     src = servers(args=BACKLOG)
     with running_cluster("redis7", replicas=0) as cluster:
-        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="kill"))
-        wait_for(lambda: daemon.task("kill")["phase"] == "incremental", 60,
-                 what="the stream phase")
+        start(daemon, inc_spec(src, cluster.addrs, task_id="kill"))
         with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
             for _ in range(3):
                 wait_for(lambda: daemon.task("kill")["progress"]["incremental"]
@@ -101,9 +104,7 @@ def test_daemon_kill_under_load_into_a_cluster(servers: Any, daemon: Daemon) -> 
 def test_target_failovers_under_load(servers: Any, daemon: Daemon) -> None:
     src = servers(args=BACKLOG)
     with running_cluster("redis7", replicas=1) as cluster:
-        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="fo"))
-        wait_for(lambda: daemon.task("fo")["phase"] == "incremental", 60,
-                 what="the stream phase")
+        start(daemon, inc_spec(src, cluster.addrs, task_id="fo"))
         with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
             time.sleep(1)
             # a graceful failover: the replica of master 0 takes over
@@ -133,9 +134,7 @@ def test_resharding_the_target_under_load(servers: Any, daemon: Daemon) -> None:
     src = servers(args=BACKLOG)
     fill_mixed(src.client(), big=False)
     with running_cluster("redis7", replicas=0) as cluster:
-        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="rs"))
-        wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60,
-                 what="the stream phase")
+        start(daemon, inc_spec(src, cluster.addrs, task_id="rs"))
         with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
             a, b = cluster.masters[0], cluster.masters[1]
             moved = cluster.move_slots(a, b, range(0, 2000))
@@ -157,9 +156,7 @@ def test_scan_reader_incremental_into_a_cluster(servers: Any, daemon: Daemon) ->
     src = servers(args=["--notify-keyspace-events", "KA"])
     fill_mixed(src.client(), big=False)
     with running_cluster("redis7", replicas=0) as cluster:
-        daemon.ok("create", inc_spec(src, cluster.addrs, task_id="scan", reader="scan"))
-        wait_for(lambda: daemon.task("scan")["phase"] == "incremental", 60,
-                 what="the stream phase")
+        start(daemon, inc_spec(src, cluster.addrs, task_id="scan", reader="scan"))
         Load(lambda db: src.client(), dbs=(0,), kinds="mixed", max_ops=2000).run_all()
         same(src, cluster)
         assert not markers(cluster)
