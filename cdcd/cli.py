@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .compat import WRITE_MODES
 from .serve import add_serve_parser, serve
 from .spec import (
     EVICTION_ACTIONS,
@@ -191,6 +192,10 @@ def add_spec_flags(c: argparse.ArgumentParser) -> None:
                         f"`cdcd resume` (default: {RESUME_MODES[0]})")
     g.add_argument("--existing-keys", choices=EXISTING_KEYS,
                    help=f"a key the target already holds (default: {EXISTING_KEYS[0]})")
+    g.add_argument("--write-mode", choices=WRITE_MODES,
+                   help="restore (DUMP payloads), rewrite (values as commands: into an older "
+                        "server), or auto: restore where the target takes the source's "
+                        "payloads, else rewrite (default: auto)")
     g.add_argument("--bandwidth-mb", type=int, metavar="MB",
                    help="cap on MB/s written to the target, 1..10240 (default: unlimited)")
     g.add_argument("--start-at", metavar="TIME",
@@ -473,7 +478,8 @@ def prompt_passwords(args: argparse.Namespace, data: dict[str, Any]) -> None:
 
 SPEC_FLAGS = (("task_id", "task_id"), ("name", "name"), ("method", "migration_method"),
               ("reader", "reader"), ("resume_mode", "resume_mode"),
-              ("existing_keys", "existing_keys"), ("bandwidth_mb", "bandwidth_limit_mb"),
+              ("existing_keys", "existing_keys"), ("write_mode", "write_mode"),
+              ("bandwidth_mb", "bandwidth_limit_mb"),
               ("start_at", "start_at"), ("link_timeout_s", "link_timeout_s"),
               ("on_target_eviction", "on_target_eviction"))
 

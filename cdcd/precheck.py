@@ -27,6 +27,13 @@ from typing import Any, Literal
 import hiredis
 
 from . import sentinel
+from .compat import (
+    ServerVersion,
+    choose_write_mode,
+    server_version,
+)
+from .compat import parse_version as parse_version
+from .compat import rdb_version as rdb_version
 from .errors import CdcdError
 from .identity import resolve_async
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
@@ -81,105 +88,18 @@ def failed(checks: Sequence[Check]) -> bool:
 
 # --- versions -------------------------------------------------------------------------------
 
-@dataclass(frozen=True, kw_only=True)
-class ServerVersion:
-    """What a server is: product, version and the RDB (DUMP payload) version it writes."""
-
-    product: str                  # "redis" or "valkey"
-    version: tuple[int, ...]
-    text: str
-    rdb: int | None
-
-    @property
-    def label(self) -> str:
-        name = "Valkey" if self.product == "valkey" else "Redis"
-        rdb = f"RDB {self.rdb}" if self.rdb is not None else "RDB version unknown"
-        return f"{name} {self.text} ({rdb})"
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """Turn '7.2.4' (or '7.2.4-rc1') into (7, 2, 4); non-numeric parts end the tuple."""
-    out: list[int] = []
-    for part in text.split("."):
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        out.append(int(digits))
-        if len(digits) != len(part):
-            break
-    return tuple(out)
-
-
-def rdb_version(product: str, version: tuple[int, ...]) -> int | None:
-    """Return the RDB version a server writes in DUMP payloads, or None when unknown.
-
-    Redis 5.0-6.2 = 9, 7.0 = 10, 7.2 = 11, 7.4-8.4 = 12, 8.6+ = 13;
-    Valkey 7.2-8.x = 11, 9+ = 80.
-    """
-    if not version:
-        return None
-    if product == "valkey":
-        return 80 if version >= (9,) else 11
-    for floor, rdb in (((8, 6), 13), ((7, 4), 12), ((7, 2), 11), ((7, 0), 10), ((5, 0), 9),
-                       ((4, 0), 8), ((3, 2), 7), ((2, 6), 6)):
-        if version >= floor:
-            return rdb
-    return None
-
-
-def server_version(info: dict[str, str]) -> ServerVersion:
-    """Read the product and version from a parsed INFO server section."""
-    if info.get("server_name", "").lower() == "valkey" or "valkey_version" in info:
-        text = info.get("valkey_version") or info.get("redis_version", "")
-        product = "valkey"
-    else:
-        text = info.get("redis_version", "")
-        product = "redis"
-    version = parse_version(text)
-    return ServerVersion(product=product, version=version, text=text or "?",
-                         rdb=rdb_version(product, version))
-
-
-def accepts_dump(target: ServerVersion, source_rdb: int) -> bool:
-    """Say whether ``target``'s RESTORE accepts payloads of ``source_rdb`` in strict mode.
-
-    A server refuses versions above its own; Valkey also refuses the range 12-79 that
-    Redis 7.4+ uses ("foreign" versions) unless ``rdb-version-check relaxed``.
-    """
-    if target.rdb is None:
-        return False
-    if target.product == "valkey" and 12 <= source_rdb <= 79:
-        return False
-    return source_rdb <= target.rdb
-
-
 def dump_compatibility(source: ServerVersion, target: ServerVersion,
-                       rdb_version_check: str | None = None) -> Check:
-    """Say whether the target's RESTORE will accept the source's DUMP payloads."""
+                       write_mode: str = "auto") -> Check:
+    """Say how the task will write values (``write_mode``) and why: RESTORE of the
+    source's DUMP payloads where the target accepts them, else values as commands."""
     name = "dump_compatibility"
+    plan, error = choose_write_mode(write_mode, f"source {source.label}", source.rdb, target)
+    if error:
+        return Check(name=name, status="error", message=error)
     if source.rdb is None or target.rdb is None:
-        return Check(name=name, status="warning",
-                     message=f"cannot tell whether target {target.label} accepts DUMP payloads "
-                             f"from source {source.label}: unknown RDB version")
-    if accepts_dump(target, source.rdb):
-        return Check(name=name, status="ok",
-                     message=f"target {target.label} accepts DUMP payloads from source "
-                             f"{source.label}")
-    if (target.product == "valkey" and target.version >= (8, 1)
-            and (rdb_version_check or "").lower() == "relaxed"):
-        return Check(name=name, status="error",
-                     message=f"target {target.label} has rdb-version-check relaxed and may load "
-                             f"RDB {source.rdb} payloads from source {source.label}, but "
-                             f"downgrade not supported yet")
-    return Check(name=name, status="error",
-                 message=f"target {target.label} refuses DUMP payloads from source "
-                         f"{source.label} (RESTORE: 'DUMP payload version or checksum are "
-                         f"wrong'); downgrade not supported yet: use a target at least as new "
-                         f"as the source")
+        return Check(name=name, status="warning", message=f"write_mode {plan.mode}: "
+                                                          f"{plan.reason}")
+    return Check(name=name, status="ok", message=f"write_mode {plan.mode}: {plan.reason}")
 
 
 # --- one side -------------------------------------------------------------------------------
@@ -412,8 +332,8 @@ async def _version_check(side: _Side) -> Check:
     return Check(name=name, status="ok", message=f"{side.name} runs {v.label}")
 
 
-async def _dump_check(src: _Side, dst: _Side) -> Check:
-    c = dump_compatibility(src.version(), dst.version(), dst.config.get("rdb-version-check"))
+async def _dump_check(src: _Side, dst: _Side, write_mode: str) -> Check:
+    c = dump_compatibility(src.version(), dst.version(), write_mode)
     if c.status == "ok":
         return c
     return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
@@ -959,7 +879,7 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
         if dst.up:
             plan.append(("target.version", lambda: _version_check(dst)))
         if src.up and dst.up:
-            plan.append(("dump_compatibility", lambda: _dump_check(src, dst)))
+            plan.append(("dump_compatibility", lambda: _dump_check(src, dst, spec.write_mode)))
         if src.up and spec.reader in ("psync", "auto"):
             plan.append(("source.psync", lambda: _psync_check(src, spec.reader)))
         if src.up and spec.reader == "scan":

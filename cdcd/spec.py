@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .compat import WRITE_MODES
 from .errors import RequestError
 from .secrets import Secret, SecretRef, parse_secret, reveal
 
@@ -182,6 +183,9 @@ class TaskSpec:
     filter: Filter = field(default_factory=Filter)
     db_mapping: dict[int, int] = field(default_factory=dict)
     existing_keys: str = "replace"
+    # How snapshot values are written: RESTORE of DUMP payloads, commands, or whichever
+    # the target takes (cdcd.compat).
+    write_mode: str = "auto"
     # Another task may write the same target dbs (the operator vouches for it).
     shared_target: bool = False
     # Seconds without an answer from a server before its link is declared dead.
@@ -217,6 +221,7 @@ class TaskSpec:
             },
             "db_mapping": {str(k): v for k, v in sorted(self.db_mapping.items())},
             "existing_keys": self.existing_keys,
+            "write_mode": self.write_mode,
             "shared_target": self.shared_target,
             "link_timeout_s": self.link_timeout_s,
             "on_target_eviction": self.on_target_eviction,
@@ -679,6 +684,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
             raise RequestError(f"{path}.db_mapping.{k}: must be a db number 0..{MAX_DB}")
         mapping[int(k)] = v
     existing = f.choice("existing_keys", EXISTING_KEYS, "replace")
+    write_mode = f.choice("write_mode", WRITE_MODES, "auto")
     shared = f.pop("shared_target", bool, False)
     link_timeout = f.pop("link_timeout_s", int, LINK_TIMEOUT_S)
     if not 1 <= link_timeout <= MAX_LINK_TIMEOUT_S:
@@ -691,8 +697,9 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     return TaskSpec(task_id=task_id, name=name, source=source, target=target,
                     migration_method=method, reader=reader, resume_mode=resume_mode,
                     bandwidth_limit_mb=bw, start_at=start_at, filter=flt, db_mapping=mapping,
-                    existing_keys=existing, shared_target=shared, link_timeout_s=link_timeout,
-                    on_target_eviction=eviction, continuous_verify=cv)
+                    existing_keys=existing, write_mode=write_mode, shared_target=shared,
+                    link_timeout_s=link_timeout, on_target_eviction=eviction,
+                    continuous_verify=cv)
 
 
 def parse_continuous_verify(fields: _Fields | None) -> ContinuousVerify | None:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import sentinel
+from .compat import RESTORE_PLAN, WritePlan, choose_write_mode, server_version
 from .entry import Batch
 from .errors import (
     CdcdError,
@@ -102,6 +103,9 @@ class Task:
         self.runner: asyncio.Task[None] | None = None
         self.fallback: str = rec.get("fallback", "")   # why reader auto chose scan
         self.prechecks: list[dict[str, str]] = rec.get("prechecks", [])
+        # How snapshot values are written (cdcd.compat), chosen at every start.
+        self.plan: WritePlan = RESTORE_PLAN
+        self.write_mode: dict[str, str] | None = rec.get("write_mode")
         # What Running shows in ``reason`` when healthy: the reader fallback, the cause of
         # the last resync or target loss. A retry shows "retrying after: ..." until healthy.
         self.note: str = rec.get("note", self.reason if self.state == State.RUNNING and
@@ -128,6 +132,7 @@ class Task:
             "spec": self.spec.to_json(mask=True),
             "progress": self._progress_view(),
             "prechecks": self.prechecks,
+            "write_mode": self.write_mode,
             "markers": ([] if not self.spec.incremental else self.slot_markers.keys
                         if self.topology is not None else self.markers.keys),
             "target_topology": self.topology.view() if self.topology is not None else None,
@@ -153,6 +158,7 @@ class Task:
             "progress": self.progress.to_record(),
             "fallback": self.fallback,
             "prechecks": self.prechecks,
+            "write_mode": self.write_mode,
             "note": self.note,
             "target_run_id": self.target_run_id,
         }
@@ -341,6 +347,7 @@ class Task:
             raise
         try:
             await self._precheck()
+            await self._plan_writes(source, target)
             await self._learn_topology(target)
             restarted = await self._start_writing(source, target)
             reader = self.progress.reader or ("scan" if spec.reader == "scan" else "psync")
@@ -379,6 +386,18 @@ class Task:
             target.close()
             while self._closers:
                 self._closers.pop()()
+
+    async def _plan_writes(self, source: Connection, target: Connection) -> None:
+        """Choose how values are written (write_mode auto: RESTORE where the target
+        accepts the source's DUMP payloads, else commands) and show it in the view."""
+        src = server_version(parse_info(await source.call("INFO", "server")))
+        dst = server_version(parse_info(await target.call("INFO", "server")))
+        plan, error = choose_write_mode(self.spec.write_mode, f"source {src.label}", src.rdb,
+                                        dst)
+        if error:
+            raise FatalTaskError(error)
+        self.plan = plan
+        self.write_mode = plan.to_json()
 
     async def _start_writing(self, source: Connection, target: Connection) -> bool:
         """Learn who the target is and record, before the first write, that the task
@@ -569,7 +588,8 @@ class Task:
         reader = PsyncReader(spec, self.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=resync,
                              on_full_sync=on_full_sync, on_stream=on_stream,
-                             after_rdb=after_rdb, parse=self.topology is not None)
+                             after_rdb=after_rdb, parse=self.topology is not None,
+                             plan=self.plan)
         writer = router or await self._writer(
             target, replace=spec.existing_keys != "skip",
             marker=self._marker if spec.incremental else None)
@@ -863,7 +883,8 @@ class Task:
         forced = self._forced_scan_resync()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
         writer = await self._writer(target, replace=self._replace(bool(forced)))
-        reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"))
+        reader = ScanSnapshot(source, spec, self.progress, self.checkpoint.get("snapshot"),
+                              plan=self.plan)
         reader.replace = writer.replace
         await run_pipeline(reader.run(queue), writer.run(queue, self._ack_snapshot),
                            self._checkpointer(), self._watch_target(), sentinel.watch(spec))
@@ -909,7 +930,7 @@ class Task:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
         # Every start redoes the snapshot: after the first, the scope holds our own copies.
         writer = await self._writer(target, replace=self._replace(True))
-        scan = ScanSnapshot(source, spec, p, None)
+        scan = ScanSnapshot(source, spec, p, None, plan=self.plan)
         scan.replace = writer.replace
 
         async def produce() -> None:

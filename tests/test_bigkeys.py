@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import redis
 
+from cdcd.compat import RESTORE_PLAN, WritePlan
 from cdcd.entry import COMMAND
 from cdcd.progress import Progress
 from cdcd.ratelimit import TokenBucket
@@ -106,7 +107,8 @@ def fill_big(c: redis.Redis[bytes]) -> None:
 
 
 async def copy(reader: str, src: RedisServer, dst: RedisServer, *, big: int = BIG,
-               limiter: TokenBucket | None = None, **spec: Any) -> Progress:
+               limiter: TokenBucket | None = None, plan: WritePlan = RESTORE_PLAN,
+               **spec: Any) -> Progress:
     """Run one reader and the writer in-process until the snapshot is on the target."""
     task_spec = parse_spec({"task_id": TASK, "source": endpoint(src), "target": endpoint(dst),
                             "reader": reader, **spec})
@@ -120,11 +122,12 @@ async def copy(reader: str, src: RedisServer, dst: RedisServer, *, big: int = BI
         if reader == "scan":
             source = await Connection.open_endpoint(task_spec.source, role="source")
             produce = ScanSnapshot(source, task_spec, progress, None, big_value_bytes=big,
-                                   chunk_bytes=CHUNK_BYTES, chunk_elements=CHUNK_ELEMENTS)
+                                   chunk_bytes=CHUNK_BYTES, chunk_elements=CHUNK_ELEMENTS,
+                                   plan=plan)
             run = produce.run(queue)
         else:
             psync = PsyncReader(task_spec, progress, resume=None, host="127.0.0.1",
-                                port=src.port, rdb_only=True)
+                                port=src.port, rdb_only=True, plan=plan)
             psync.big_value_bytes = big
             psync.chunk_bytes = CHUNK_BYTES
             psync.chunk_elements = CHUNK_ELEMENTS

@@ -302,19 +302,29 @@ async def test_memory_headroom(servers: Servers) -> None:
 
 async def test_older_target_refuses_dump(servers: Servers) -> None:
     src, dst = servers("redis7"), servers("redis6")
+    # write_mode auto: values written as commands, and the check says so and why
     c = by_name(await run_prechecks(spec_for(src, dst)))["dump_compatibility"]
+    assert c.status == "ok", c.message
+    assert c.message.startswith("write_mode rewrite: target Redis 6.2.5 (RDB 9) refuses DUMP "
+                                "payloads of RDB"), c.message
+    # write_mode restore: an error naming both sides and what to do
+    c = by_name(await run_prechecks(spec_for(src, dst, write_mode="restore")))[
+        "dump_compatibility"]
     assert c.status == "error"
     assert "Redis 6.2.5 (RDB 9) refuses DUMP payloads" in c.message
-    assert "downgrade not supported yet" in c.message
+    assert "write_mode is restore: use write_mode auto or rewrite" in c.message
     # the newer target accepts the older source
     c = by_name(await run_prechecks(spec_for(dst, src)))["dump_compatibility"]
-    assert c.status == "ok"
+    assert c.status == "ok" and c.message.startswith("write_mode restore: target Redis 7.")
 
 
 async def test_valkey_source_to_redis7_refused(servers: Servers) -> None:
     src, dst = servers("valkey8"), servers("redis7")
-    c = by_name(await run_prechecks(spec_for(src, dst)))["dump_compatibility"]
+    c = by_name(await run_prechecks(spec_for(src, dst, write_mode="restore")))[
+        "dump_compatibility"]
     assert c.status == "error" and "RDB 11" in c.message and "RDB 10" in c.message
+    c = by_name(await run_prechecks(spec_for(src, dst)))["dump_compatibility"]
+    assert c.status == "ok" and c.message.startswith("write_mode rewrite: ")
 
 
 def test_rdb_versions_and_relaxed_valkey() -> None:
@@ -331,15 +341,18 @@ def test_rdb_versions_and_relaxed_valkey() -> None:
                              "valkey_version": "8.1.3"})
     assert (valkey.product, valkey.version, valkey.rdb) == ("valkey", (8, 1, 3), 11)
     redis74 = server_version({"redis_version": "7.4.1"})
-    relaxed = dump_compatibility(redis74, valkey, "relaxed")
-    assert relaxed.status == "error" and "rdb-version-check relaxed" in relaxed.message
-    assert "downgrade not supported yet" in relaxed.message
-    strict = dump_compatibility(redis74, valkey, "strict")
-    assert strict.status == "error" and "relaxed" not in strict.message
+    # Valkey refuses Redis 7.4's "foreign" RDB 12 (rdb-version-check relaxed or not: a
+    # relaxed load is not exact, so auto rewrites)
+    strict = dump_compatibility(redis74, valkey, "restore")
+    assert strict.status == "error" and "foreign to Valkey" in strict.message
+    auto = dump_compatibility(redis74, valkey)
+    assert auto.status == "ok" and auto.message.startswith("write_mode rewrite: ")
     # Valkey 9 writes RDB 80 but still refuses Redis 7.4's "foreign" RDB 12
     valkey9 = ServerVersion(product="valkey", version=(9, 0, 0), text="9.0.0", rdb=80)
-    assert dump_compatibility(redis74, valkey9).status == "error"
-    assert dump_compatibility(valkey, valkey9).status == "ok"
+    assert dump_compatibility(redis74, valkey9, "restore").status == "error"
+    assert dump_compatibility(valkey, valkey9).message.startswith("write_mode restore: ")
+    forced = dump_compatibility(valkey, valkey9, "rewrite")
+    assert forced.to_json()["message"] == "write_mode rewrite: asked for in the task spec"
     unknown = ServerVersion(product="redis", version=(), text="?", rdb=None)
     assert dump_compatibility(unknown, valkey).status == "warning"
 

@@ -123,15 +123,23 @@ class BigKey:
 
     def __init__(self, db: int, key: bytes, kind: str, *, task_id: str, replace: bool,
                  size: int = 0, chunk_bytes: int = CHUNK_BYTES,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"no chunked copy for {kind!r} values")
+                 chunk_elements: int = CHUNK_ELEMENTS, direct: bool = False,
+                 stream_counters: bool = True) -> None:
+        """``direct``: write the key itself inside one MULTI/EXEC (DEL first), for a value
+        small enough for one transaction (write_mode rewrite, existing_keys replace).
+        ``stream_counters``: the target takes entries-added, max-deleted-id and a group's
+        entries-read (Redis 7.0+, Valkey)."""
+        if kind not in KINDS or (direct and kind == "string"):
+            raise ValueError(f"no {'direct' if direct else 'chunked'} copy for {kind!r} "
+                             f"values")
         self.db = db
         self.key = key
         self.kind = kind
         self.replace = replace
         self.size = size            # string length (SETRANGE pre-allocates it)
-        self.tmp = temp_key(task_id, key)
+        self.direct = direct
+        self.stream_counters = stream_counters
+        self.tmp = key if direct else temp_key(task_id, key)
         self.chunk_bytes = max(1, chunk_bytes)
         self.chunk_elements = max(1, chunk_elements)
         self.created = False        # tmp holds something: the tail must move it
@@ -145,7 +153,10 @@ class BigKey:
     # --- building ---
 
     def begin(self, out: list[Entry]) -> int:
-        """Clear a leftover temporary key; pre-size a string."""
+        """Clear a leftover temporary key (direct: open the transaction and clear the
+        key); pre-size a string."""
+        if self.direct:
+            out.append((COMMAND, self.db, [b"MULTI"]))
         out.append((COMMAND, self.db, [b"DEL", self.tmp]))
         n = len(self.tmp)
         if self.kind == "string" and self.size > 0:
@@ -291,9 +302,9 @@ class BigKey:
             out.append((COMMAND, db, [b"XADD", tmp, b"MAXLEN", b"0", b"0-1", b"f", b"v"]))
             self.created = self._stream_ids = True
         setid = [b"XSETID", tmp, meta.last_id]
-        if meta.entries_added is not None:
+        if meta.entries_added is not None and self.stream_counters:
             setid += [b"ENTRIESADDED", b"%d" % meta.entries_added]
-        if meta.max_deleted_id is not None:
+        if meta.max_deleted_id is not None and self.stream_counters:
             setid += [b"MAXDELETEDID", meta.max_deleted_id]
         out.append((COMMAND, db, setid))
         return 64 + len(tmp)
@@ -302,7 +313,7 @@ class BigKey:
         """Create a consumer group at its last-delivered id, and its consumers."""
         db, tmp = self.db, self.tmp
         create = [b"XGROUP", b"CREATE", tmp, g.name, g.last_id]
-        if g.entries_read is not None:
+        if g.entries_read is not None and self.stream_counters:
             create += [b"ENTRIESREAD", b"%d" % g.entries_read]
         out.append((COMMAND, db, create))
         for consumer in g.consumers:
@@ -334,9 +345,14 @@ class BigKey:
                 n += self._flush_string(out, final=True)
         elif self.kind != "stream":
             n += self._flush_items(out, self._item_bytes)
+        db, tmp, key = self.db, self.tmp, self.key
+        if self.direct:
+            if expire_ms > 0:
+                out.append((COMMAND, db, [b"PEXPIREAT", key, b"%d" % expire_ms]))
+            out.append((COMMAND, db, [b"EXEC"]))
+            return n + len(key) + 32
         if not self.created:
             return n
-        db, tmp, key = self.db, self.tmp, self.key
         if expire_ms > 0:
             ms = b"%d" % expire_ms
             out.append((COMMAND, db, [b"MULTI"]))

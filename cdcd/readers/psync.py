@@ -20,6 +20,7 @@ from typing import Any
 
 import hiredis
 
+from ..compat import RESTORE_PLAN, WritePlan
 from ..entry import COMMAND, RAW, RESTORE, Batch, Entry
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
@@ -28,6 +29,7 @@ from ..rdb import (
     BigValueEnd,
     BigValueStart,
     FunctionRecord,
+    KeyRecord,
     RdbError,
     RdbSplitter,
 )
@@ -35,6 +37,7 @@ from ..resp import Connection, ServerReplyError, encode
 from ..spec import TaskSpec
 from .bigkey import BIG_VALUE_BYTES, CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 from .keys import CommandFilter
+from .rewrite import Rewriter
 
 log = logging.getLogger("cdcd.reader.psync")
 
@@ -115,8 +118,10 @@ class PsyncReader:
                  on_full_sync: Callable[[str, int], None] = lambda r, o: None,
                  on_stream: Callable[[], None] = lambda: None,
                  after_rdb: Callable[[set[int] | None], Awaitable[None]] | None = None,
-                 parse: bool = False) -> None:
+                 parse: bool = False, plan: WritePlan = RESTORE_PLAN) -> None:
         self.spec = spec
+        # How the RDB's values are written: RESTORE of their payloads, or commands.
+        self.plan = plan
         self.progress = progress
         self.resume = resume
         self.host = host
@@ -273,8 +278,14 @@ class PsyncReader:
         if flt.by_key or flt.dbs is not None:
             def want(db: int, key: bytes) -> bool:
                 return flt.db_ok(db) and flt.key_ok(key)
+        # write_mode rewrite: the splitter's KeyRecords become commands, else each key is
+        # a RESTORE entry built by the splitter itself.
+        rewriter = (Rewriter(self.plan, task_id=spec.task_id, source=self.name,
+                             chunk_bytes=self.chunk_bytes,
+                             chunk_elements=self.chunk_elements)
+                    if self.plan.rewrite else None)
         splitter = RdbSplitter(want=want, big_value_bytes=self.big_value_bytes,
-                               key_record=restore_entry)
+                               key_record=None if rewriter is not None else restore_entry)
         big: BigKey | None = None     # the big value being copied in chunks
         big_expire = 0
         eof_mark: bytes | None = None
@@ -312,6 +323,15 @@ class PsyncReader:
                         elif type(rec) is BigValueChunk:
                             assert big is not None
                             nbytes += big.add_chunk(rec.items, entries)
+                        elif type(rec) is KeyRecord:
+                            assert rewriter is not None
+                            nbytes += rewriter.key(rec.db, rec.key, rec.payload, rec.expire_ms,
+                                                   self.replace, entries)
+                            # The writer counts RESTOREs; a rewritten key counts once queued.
+                            self.progress.keys_done += 1
+                            self.progress.snapshot_bytes += len(rec.payload)
+                            if seen is not None:
+                                seen.add(key_hash(rec.db, rec.key))
                         elif isinstance(rec, FunctionRecord):
                             entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE",
                                                          rec.code]))
@@ -321,7 +341,8 @@ class PsyncReader:
                             big = BigKey(rec.db, rec.key, rec.kind, task_id=spec.task_id,
                                          replace=self.replace, size=rec.size,
                                          chunk_bytes=self.chunk_bytes,
-                                         chunk_elements=self.chunk_elements)
+                                         chunk_elements=self.chunk_elements,
+                                         stream_counters=self.plan.stream_counters)
                             big_expire = max(rec.expire_ms, 0)
                             nbytes += big.begin(entries)
                         elif isinstance(rec, BigValueEnd):
@@ -353,6 +374,11 @@ class PsyncReader:
         self.progress.keys_total = max(self.progress.keys_total, splitter.keys_seen)
         self.data_offset = self.offset
         pos = StreamPos(replid=self.replid, offset=self.offset, db=0, data=self.offset)
+        if rewriter is not None and entries:
+            # Rewritten keys hold MULTIs of their own; the batch with the stream position
+            # is wrapped in the writer's.
+            await out.put(Batch(entries, None, nbytes, len(entries)))
+            entries, nbytes = [], 0
         await out.put(Batch(entries, pos, nbytes, len(entries)))
         if self.after_rdb is not None:
             await self.after_rdb(seen)

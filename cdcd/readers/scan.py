@@ -25,6 +25,7 @@ import time
 from collections import deque
 from typing import Any
 
+from ..compat import RESTORE_PLAN, WritePlan
 from ..entry import RESTORE, STRINGS, Batch, Entry, string_payload
 from ..errors import EndpointError, FatalTaskError, MigrationError
 from ..progress import Progress
@@ -32,6 +33,7 @@ from ..rdb import StreamGroup, StreamMeta
 from ..resp import Connection, ReplyError, encode, keyspace, parse_info
 from ..spec import TaskSpec
 from .bigkey import BIG_VALUE_BYTES, CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
+from .rewrite import Rewriter
 
 log = logging.getLogger("cdcd.reader.scan")
 
@@ -155,8 +157,10 @@ class ScanSnapshot:
     def __init__(self, conn: Connection, spec: TaskSpec, progress: Progress,
                  checkpoint: dict[str, Any] | None, *, count: int = SCAN_COUNT,
                  big_value_bytes: int = BIG_VALUE_BYTES, chunk_bytes: int = CHUNK_BYTES,
-                 chunk_elements: int = CHUNK_ELEMENTS) -> None:
+                 chunk_elements: int = CHUNK_ELEMENTS, plan: WritePlan = RESTORE_PLAN) -> None:
         self.conn = conn
+        # How dumped values are written: RESTORE of their payloads, or commands.
+        self.plan = plan
         # Whether a big key rebuilt here replaces the target's key (the writer's rule).
         self.replace = spec.existing_keys != "skip"
         self.spec = spec
@@ -177,6 +181,10 @@ class ScanSnapshot:
         self._strings = self._others = 0
         self.big_keys = 0
         self.covered = 0        # keys queued up to the last checkpoint
+        self.rewriter = (Rewriter(plan, task_id=spec.task_id, source=conn.name,
+                                  chunk_bytes=chunk_bytes,
+                                  chunk_elements=chunk_elements)
+                         if plan.rewrite else None)
 
     async def run(self, out: asyncio.Queue[Batch | None], *, end: bool = True) -> None:
         """Queue every selected key; then a None that ends the writer, unless ``end`` is
@@ -444,14 +452,28 @@ class ScanSnapshot:
                         nbytes += pair_bytes
                         pairs, pair_bytes = [], 0
                     continue
+                if self.rewriter is not None:
+                    nbytes += self.rewriter.string(db, k, v, now_ms + pttl, self.replace,
+                                                   entries)
+                    self._rewritten(len(v))
+                    continue
                 value = string_payload(v)
-            entries.append((RESTORE, db, k, now_ms + pttl if pttl is not None and pttl >= 0
-                            else 0, value))
+            expire = now_ms + pttl if pttl is not None and pttl >= 0 else 0
+            if self.rewriter is not None:
+                nbytes += self.rewriter.key(db, k, value, expire, self.replace, entries)
+                self._rewritten(len(value))
+                continue
+            entries.append((RESTORE, db, k, expire, value))
             nbytes += len(value)
         if pairs:
             entries.append((STRINGS, db, pairs, len(pairs) // 2, pair_bytes))
             nbytes += pair_bytes
         return entries, nbytes
+
+    def _rewritten(self, size: int) -> None:
+        # The writer counts RESTOREs as keys; a key written as commands counts once queued.
+        self.progress.keys_done += 1
+        self.progress.snapshot_bytes += size
 
     # --- big keys ---------------------------------------------------------------------------
 
@@ -492,7 +514,8 @@ class ScanSnapshot:
         b = BigKey(db, key, kind, task_id=self.spec.task_id,
                    replace=self.replace,
                    size=length if kind == "string" else 0,
-                   chunk_bytes=self.chunk_bytes, chunk_elements=self.chunk_elements)
+                   chunk_bytes=self.chunk_bytes, chunk_elements=self.chunk_elements,
+                   stream_counters=self.plan.stream_counters)
         per_item = max(1, estimate // max(1, length))
         count = max(1, min(self.chunk_elements, self.chunk_bytes // per_item))
         sink = _Sink(out, ckpt)

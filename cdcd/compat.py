@@ -1,0 +1,157 @@
+"""What differs between server versions, in tables: the DUMP payload version a server
+writes and restores, and so how a task writes values (``write_mode``).
+
+``restore`` sends each value as the source's DUMP payload (RESTORE: exact encodings, C
+speed); a target refuses payloads of a newer RDB version than its own, and Valkey those of
+Redis 7.4+. ``rewrite`` decodes each value in the daemon and writes it with commands any
+version takes (SET, RPUSH, SADD, ZADD, HSET, XADD and the stream group commands,
+PEXPIREAT). ``auto`` is ``restore`` where the target accepts the source's payloads and
+``rewrite`` otherwise; the precheck and the task view say which and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+WRITE_MODES = ("auto", "restore", "rewrite")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerVersion:
+    """What a server is: product, version and the RDB (DUMP payload) version it writes."""
+
+    product: str                  # "redis" or "valkey"
+    version: tuple[int, ...]
+    text: str
+    rdb: int | None
+
+    @property
+    def label(self) -> str:
+        name = "Valkey" if self.product == "valkey" else "Redis"
+        rdb = f"RDB {self.rdb}" if self.rdb is not None else "RDB version unknown"
+        return f"{name} {self.text} ({rdb})"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """Turn '7.2.4' (or '7.2.4-rc1') into (7, 2, 4); non-numeric parts end the tuple."""
+    out: list[int] = []
+    for part in text.split("."):
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(digits) != len(part):
+            break
+    return tuple(out)
+
+
+def rdb_version(product: str, version: tuple[int, ...]) -> int | None:
+    """Return the RDB version a server writes in DUMP payloads, or None when unknown.
+
+    Redis 5.0-6.2 = 9, 7.0 = 10, 7.2 = 11, 7.4-8.4 = 12, 8.6+ = 13;
+    Valkey 7.2-8.x = 11, 9+ = 80.
+    """
+    if not version:
+        return None
+    if product == "valkey":
+        return 80 if version >= (9,) else 11
+    for floor, rdb in (((8, 6), 13), ((7, 4), 12), ((7, 2), 11), ((7, 0), 10), ((5, 0), 9),
+                       ((4, 0), 8), ((3, 2), 7), ((2, 6), 6)):
+        if version >= floor:
+            return rdb
+    return None
+
+
+def server_version(info: dict[str, str]) -> ServerVersion:
+    """Read the product and version from a parsed INFO server section."""
+    if info.get("server_name", "").lower() == "valkey" or "valkey_version" in info:
+        text = info.get("valkey_version") or info.get("redis_version", "")
+        product = "valkey"
+    else:
+        text = info.get("redis_version", "")
+        product = "redis"
+    version = parse_version(text)
+    return ServerVersion(product=product, version=version, text=text or "?",
+                         rdb=rdb_version(product, version))
+
+
+def accepts_dump(target: ServerVersion, source_rdb: int) -> bool:
+    """Say whether ``target``'s RESTORE accepts payloads of ``source_rdb`` in strict mode.
+
+    A server refuses versions above its own; Valkey also refuses the range 12-79 that
+    Redis 7.4+ uses ("foreign" versions) unless ``rdb-version-check relaxed``.
+    """
+    if target.rdb is None:
+        return False
+    if target.product == "valkey" and 12 <= source_rdb <= 79:
+        return False
+    return source_rdb <= target.rdb
+
+
+def dump_refusal(source_label: str, source_rdb: int | None, target: ServerVersion) -> str:
+    """Why ``target`` refuses DUMP payloads of ``source_rdb`` ("" when it accepts them)."""
+    if source_rdb is None or target.rdb is None:
+        return ""
+    if accepts_dump(target, source_rdb):
+        return ""
+    if target.product == "valkey" and 12 <= source_rdb <= 79:
+        return (f"target {target.label} refuses DUMP payloads of RDB {source_rdb} from "
+                f"{source_label} (Redis 7.4+ payloads are foreign to Valkey)")
+    return (f"target {target.label} refuses DUMP payloads of RDB {source_rdb} from "
+            f"{source_label} (newer than its own)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WritePlan:
+    """How a task writes snapshot values, why, and what its target takes."""
+
+    mode: str                                 # "restore" or "rewrite"
+    reason: str
+    target: ServerVersion | None = None
+
+    @property
+    def rewrite(self) -> bool:
+        return self.mode == "rewrite"
+
+    @property
+    def stream_counters(self) -> bool:
+        """The target takes a stream's entries-added, max-deleted-id and a group's
+        entries-read (XSETID ENTRIESADDED/MAXDELETEDID, XGROUP CREATE ENTRIESREAD: 7.0+)."""
+        t = self.target
+        return t is None or not t.version or t.product == "valkey" or t.version >= (7, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "reason": self.reason}
+
+
+RESTORE_PLAN = WritePlan(mode="restore", reason="")
+
+
+def choose_write_mode(asked: str, source_label: str, source_rdb: int | None,
+                      target: ServerVersion) -> tuple[WritePlan, str]:
+    """Pick the write mode for ``asked`` (auto, restore, rewrite); return the plan and
+    an error ("" when the task can run)."""
+    refusal = dump_refusal(source_label, source_rdb, target)
+    if asked == "rewrite":
+        return WritePlan(mode="rewrite", reason="asked for in the task spec",
+                         target=target), ""
+    if source_rdb is None or target.rdb is None:
+        plan = WritePlan(mode="restore", target=target,
+                         reason=f"cannot tell whether target {target.label} accepts DUMP payloads "
+                                f"from {source_label}: unknown RDB version")
+        return plan, ""
+    if not refusal:
+        return WritePlan(mode="restore", target=target,
+                         reason=f"target {target.label} accepts DUMP payloads from "
+                                f"{source_label}"), ""
+    if asked == "restore":
+        return WritePlan(mode="restore", reason=refusal, target=target), (
+            f"{refusal}, and write_mode is restore: use write_mode auto or rewrite (values "
+            f"written as commands), or a target at least as new as {source_label}")
+    return WritePlan(mode="rewrite", target=target,
+                     reason=f"{refusal}: values are written as commands"), ""

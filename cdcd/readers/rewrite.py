@@ -1,0 +1,68 @@
+"""Write snapshot values as commands instead of RESTORE (write_mode rewrite, cdcd.compat).
+
+Both readers hand a key's DUMP payload (psync: cut from the RDB; scan: DUMP's reply) to a
+:class:`Rewriter` and get COMMAND entries back:
+
+    SET key value [PXAT ms]                     a string (NX with existing_keys skip)
+    MULTI; DEL key; RPUSH|SADD|ZADD|HSET key ...; [PEXPIREAT key ms]; EXEC
+                                                any other type, existing_keys replace
+    XADD key id f v ...; XSETID; XGROUP CREATE; XGROUP CREATECONSUMER; XCLAIM
+                                                a stream's entries and groups (in the MULTI)
+
+With existing_keys skip a non-string value is built in a temporary key and moved with
+RENAMENX, as a big key is (readers/bigkey.py), so the target's key wins. Values over the
+readers' big-value threshold already arrive decoded and go down that chunked path.
+
+A value of the source's own making that no command rebuilds (a module type, a hash with
+field TTLs) stops the task with FatalTaskError naming the key, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from ..compat import WritePlan
+from ..entry import COMMAND, Entry
+from ..errors import FatalTaskError
+from ..rdbvalue import ValueNotRewritable, decode_payload
+from .bigkey import CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
+
+
+class Rewriter:
+    """Turn one key's DUMP payload into COMMAND entries (see the module docstring)."""
+
+    def __init__(self, plan: WritePlan, *, task_id: str, source: str,
+                 chunk_bytes: int = CHUNK_BYTES, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+        self.plan = plan
+        self.task_id = task_id
+        self.source = source
+        self.chunk_bytes = chunk_bytes
+        self.chunk_elements = chunk_elements
+
+    def key(self, db: int, key: bytes, payload: bytes, expire_ms: int, replace: bool,
+            out: list[Entry]) -> int:
+        """Append the commands that write ``key`` (absolute expiry ms, <= 0: none; replace:
+        the target's key is overwritten, else kept); return the bytes they carry (what a
+        batch is sized by)."""
+        try:
+            kind, items, meta = decode_payload(payload)
+        except ValueNotRewritable as exc:
+            raise FatalTaskError(f"{self.source}: key {key[:80]!r} (db {db}) cannot be "
+                                 f"written with write_mode rewrite: {exc}") from None
+        if kind == "string":
+            return self.string(db, key, items[0], expire_ms, replace, out)
+        big = BigKey(db, key, kind, task_id=self.task_id, replace=replace,
+                     chunk_bytes=self.chunk_bytes, chunk_elements=self.chunk_elements,
+                     direct=replace, stream_counters=self.plan.stream_counters)
+        n = big.begin(out)
+        n += big.add_chunk(items, out)
+        return n + big.finish(max(expire_ms, 0), out, meta)
+
+    def string(self, db: int, key: bytes, value: bytes, expire_ms: int, replace: bool,
+               out: list[Entry]) -> int:
+        """Append the SET that writes a string (absolute expiry ms, <= 0: none)."""
+        cmd = [b"SET", key, value]
+        if expire_ms > 0:
+            cmd += [b"PXAT", b"%d" % expire_ms]
+        if not replace:
+            cmd.append(b"NX")
+        out.append((COMMAND, db, cmd))
+        return len(key) + len(value) + 48

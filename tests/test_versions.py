@@ -1,0 +1,199 @@
+"""Any version to any version: write_mode restore / rewrite / auto between Redis 6.2, the
+machine's Redis (7.0 or newer) and Valkey 8.1, in every direction, with both readers.
+
+The daemon tests copy the mixed dataset (every type and encoding, TTLs, binary keys,
+streams with groups, consumers and pending entries, three dbs) and compare key by key;
+the in-process tests lower the big-value threshold so big keys of every type take the
+chunked path too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from cdcd.compat import WritePlan, server_version
+from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, module_name
+
+from .compare import assert_same, fill_mixed
+from .daemon import Daemon, spec
+from .servers import FLAVOURS, RedisServer
+from .test_bigkeys import copy, fill_big
+
+Servers = Callable[..., RedisServer]
+
+PAIRS = list(itertools.permutations(FLAVOURS, 2))
+READERS = ("psync", "scan")
+
+
+def rdb_of(server: RedisServer) -> tuple[str, int]:
+    v = server_version({k: str(x) for k, x in server.client().info("server").items()})
+    assert v.rdb is not None
+    return v.product, v.rdb
+
+
+def needs_rewrite(src: RedisServer, dst: RedisServer) -> bool:
+    """What the servers' RDB versions say (a table independent of cdcd.compat's code)."""
+    (_, s), (product, d) = rdb_of(src), rdb_of(dst)
+    return s > d or (product == "valkey" and 12 <= s <= 79)
+
+
+def fill(c: Callable[[int], Any]) -> None:
+    fill_mixed(c(0), big=False)
+    fill_mixed(c(1), big=False, tag=b"@db1")
+    c(2).set(b"only-in-db2", b"x")
+    c(2).zadd(b"z", {b"a": 1.5})
+
+
+def assert_copied(src: RedisServer, dst: RedisServer) -> None:
+    for db in range(3):
+        assert_same(src.client(db), dst.client(db))
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(("src_flavour", "dst_flavour"), PAIRS)
+def test_full_copy_between_versions(src_flavour: str, dst_flavour: str, reader: str,
+                                    daemon: Daemon, servers: Servers) -> None:
+    src, dst = servers(src_flavour), servers(dst_flavour)
+    fill(src.client)
+    tid = daemon.create(spec(src, dst, reader=reader))
+    t = daemon.wait_state(tid, "Succeeded", timeout=120)
+    assert_copied(src, dst)
+    mode = "rewrite" if needs_rewrite(src, dst) else "restore"
+    assert t["write_mode"]["mode"] == mode, t["write_mode"]
+    check = {c["name"]: c for c in t["prechecks"]}["dump_compatibility"]
+    assert check["status"] == "ok" and check["message"].startswith(f"write_mode {mode}: ")
+    if mode == "rewrite":
+        assert "refuses DUMP payloads" in t["write_mode"]["reason"]
+    keys = sum(src.client(db).dbsize() for db in range(3))
+    assert t["progress"]["snapshot"]["keys_done"] == keys
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_rewrite_between_equal_versions_matches_restore(flavour: str, reader: str,
+                                                        daemon: Daemon,
+                                                        servers: Servers) -> None:
+    src, restored, rewritten = servers(flavour), servers(flavour), servers(flavour)
+    fill(src.client)
+    a = daemon.create(spec(src, restored, reader=reader, write_mode="restore"))
+    b = daemon.create(spec(src, rewritten, reader=reader, write_mode="rewrite"))
+    assert daemon.wait_state(a, "Succeeded", timeout=120)["write_mode"]["mode"] == "restore"
+    t = daemon.wait_state(b, "Succeeded", timeout=120)
+    assert t["write_mode"] == {"mode": "rewrite", "reason": "asked for in the task spec"}
+    for db in range(3):
+        assert_same(restored.client(db), rewritten.client(db))
+    assert_copied(src, rewritten)
+    # written as commands: no RESTORE ran on the rewritten target
+    stats = rewritten.client().info("commandstats")
+    assert "cmdstat_restore" not in stats and "cmdstat_restore-asking" not in stats
+
+
+def test_write_mode_restore_into_an_older_target_fails_naming_both(daemon: Daemon,
+                                                                   servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    src.client().set(b"k", b"v")
+    tid = daemon.create(spec(src, dst, write_mode="restore"))
+    t = daemon.wait_state(tid, "Failed", timeout=60)
+    assert "refuses DUMP payloads of RDB" in t["reason"] and "6.2" in t["reason"]
+    assert "write_mode is restore" in t["reason"]
+    assert dst.client().dbsize() == 0
+
+
+def test_write_mode_is_validated(daemon: Daemon, servers: Servers) -> None:
+    src, dst = servers(), servers()
+    status, body = daemon.api("create", spec(src, dst, write_mode="dump"))
+    assert status == 400
+    assert "write_mode: must be one of auto, restore, rewrite" in body["message"]
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(("src_flavour", "dst_flavour"),
+                         [p for p in PAIRS if p[0] != "redis6"] + [("redis6", "redis6")])
+async def test_big_keys_rewritten_exactly(src_flavour: str, dst_flavour: str, reader: str,
+                                          servers: Servers) -> None:
+    """Big values of every type (chunked path) and small ones (direct path), rewritten."""
+    src, dst = servers(src_flavour), servers(dst_flavour)
+    fill_big(src.client())
+    fill_mixed(src.client(), big=False)
+    target = server_version({k: str(x) for k, x in dst.client().info("server").items()})
+    plan = WritePlan(mode="rewrite", reason="test", target=target)
+    progress = await copy(reader, src, dst, plan=plan)
+    assert_same(src.client(), dst.client())
+    assert progress.keys_done == src.client().dbsize()
+
+
+async def test_rewrite_with_existing_keys_skip_keeps_the_targets(servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    fill_mixed(src.client(), big=False)
+    d = dst.client()
+    d.set(b"hash:small", b"the target's")
+    d.rpush(b"str:int", b"the target's")
+    target = server_version({k: str(x) for k, x in d.info("server").items()})
+    plan = WritePlan(mode="rewrite", reason="test", target=target)
+    await copy("psync", src, dst, plan=plan, existing_keys="skip")
+    assert d.get(b"hash:small") == b"the target's"
+    assert d.lrange(b"str:int", 0, -1) == [b"the target's"]
+    kept = {b"hash:small", b"str:int"}
+    others = [k for k in src.client().scan_iter() if k not in kept]
+    assert_same(src.client(), d, keys=others)
+    assert not [k for k in d.scan_iter(b"cdcd:tmp:*")]
+
+
+# --- decoding, without servers ----------------------------------------------------------------
+
+def test_module_values_name_their_module() -> None:
+    # moduleTypeEncodeId("ReJSON-RL", 3): 9 characters of 6 bits, then 10 bits of version
+    charset = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    module_id = 0
+    for ch in "ReJSON-RL":
+        module_id = (module_id << 6) | charset.index(ch)
+    module_id = (module_id << 10) | 3
+    assert module_name(module_id) == "ReJSON-RL (encoding version 3)"
+    body = b"\x81" + module_id.to_bytes(8, "big") + b"\x00"
+    with pytest.raises(ValueNotRewritable, match="module ReJSON-RL"):
+        decode_value(7, body)
+
+
+def test_values_no_command_rebuilds_are_refused() -> None:
+    with pytest.raises(ValueNotRewritable, match="field TTLs"):
+        decode_value(24, b"\x00" * 16)
+    with pytest.raises(ValueNotRewritable, match="malformed value of RDB type 4"):
+        decode_value(4, b"\x05\x01a")
+    with pytest.raises(ValueNotRewritable, match="too short"):
+        decode_payload(b"\x00\x01a")
+
+
+def test_dump_payloads_of_every_encoding_decode(servers: Servers) -> None:
+    """DUMP replies of each flavour decode to what the server's own reads return."""
+    for flavour in FLAVOURS:
+        s = servers(flavour)
+        c = s.client()
+        fill_mixed(c, big=False)
+        for key in (b"hash:small", b"hash:large", b"set:intset", b"set:small", b"list:small",
+                    b"list:large", b"zset:small", b"zset:odd", b"str:int", b"str:raw"):
+            kind, items, _ = decode_payload(c.dump(key))
+            t = c.type(key).decode()
+            assert kind == t, (flavour, key)
+            if t == "string":
+                assert items == [c.get(key)]
+            elif t == "hash":
+                assert dict(zip(items[::2], items[1::2])) == c.hgetall(key)
+            elif t == "list":
+                assert items == c.lrange(key, 0, -1)
+            elif t == "set":
+                assert set(items) == c.smembers(key)
+            else:
+                assert [(m, float(sc)) for m, sc in zip(items[::2], items[1::2])] == \
+                    c.zrange(key, 0, -1, withscores=True), (flavour, key)
+        kind, items, meta = decode_payload(c.dump(b"stream:s"))
+        assert kind == "stream" and meta is not None
+        assert [(i, dict(zip(f[::2], f[1::2]))) for i, f in items] == c.xrange(b"stream:s")
+        assert sorted(g.name for g in meta.groups) == [b"g1", b"g2"]
+        pending = {p[0] for g in meta.groups for p in g.pending}
+        assert pending == {p["message_id"] for g in (b"g1", b"g2")
+                           for p in c.xpending_range(b"stream:s", g, "-", "+", 1000)}
+
