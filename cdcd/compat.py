@@ -113,6 +113,15 @@ class WritePlan:
     mode: str                                 # "restore" or "rewrite"
     reason: str
     target: ServerVersion | None = None
+    source: ServerVersion | None = None       # None: a file, or unknown
+
+    @property
+    def fixes(self) -> frozenset[bytes]:
+        """Replicated commands to translate for the target (see ``translate``): those it
+        lacks and the source has (a source never sends what it lacks itself)."""
+        if self.source is None or self.target is None:
+            return frozenset()
+        return stream_fixes(self.target) - stream_fixes(self.source)
 
     @property
     def rewrite(self) -> bool:
@@ -155,3 +164,89 @@ def choose_write_mode(asked: str, source_label: str, source_rdb: int | None,
             f"written as commands), or a target at least as new as {source_label}")
     return WritePlan(mode="rewrite", target=target,
                      reason=f"{refusal}: values are written as commands"), ""
+
+
+# --- the replication stream into an older target ---------------------------------------------
+#
+# Most replicated commands are effects any version takes: a source propagates LMPOP as
+# LPOP/RPOP, ZMPOP as ZPOPMIN/ZPOPMAX, EXPIRE/GETEX/SET EX as PEXPIREAT/PERSIST/SET PXAT,
+# XREADGROUP/XAUTOCLAIM as XCLAIM, scripts and functions as their writes (checked against
+# Redis 7.0 and Valkey 8.1). What remains are commands and options a target may lack. A
+# propagated command is one the source applied, so a condition it carries (NX/XX/GT/LT,
+# IFEQ) held on the source, and so on its exact copy: dropping it keeps the effect.
+
+# name -> (first Redis version that takes it as sent, first Valkey version; None: never)
+_SINCE: dict[bytes, tuple[tuple[int, ...] | None, tuple[int, ...] | None]] = {
+    b"pexpireat": ((7, 0), (7, 2)),     # NX | XX | GT | LT
+    b"pexpire": ((7, 0), (7, 2)),
+    b"expireat": ((7, 0), (7, 2)),
+    b"expire": ((7, 0), (7, 2)),
+    b"xgroup": ((7, 0), (7, 2)),        # CREATE/SETID ... ENTRIESREAD n
+    b"xsetid": ((7, 0), (7, 2)),        # ENTRIESADDED n, MAXDELETEDID id
+    b"spublish": ((7, 0), (7, 2)),
+    b"function": ((7, 0), (7, 2)),
+    b"set": (None, (8, 1)),             # IFEQ value (Valkey 8.1)
+    b"hexpire": ((7, 4), (9, 0)),       # hash field TTLs
+    b"hpexpire": ((7, 4), (9, 0)),
+    b"hexpireat": ((7, 4), (9, 0)),
+    b"hpexpireat": ((7, 4), (9, 0)),
+    b"hpersist": ((7, 4), (9, 0)),
+    b"hsetex": ((8, 0), (9, 0)),
+    b"hgetex": ((8, 0), (9, 0)),
+    b"hgetdel": ((8, 0), (9, 0)),
+    b"delifeq": (None, (9, 0)),
+}
+_FLAGS = (b"nx", b"xx", b"gt", b"lt")
+
+
+def stream_fixes(target: ServerVersion | None) -> frozenset[bytes]:
+    """Names of replicated commands the target may not take as sent (lowercase)."""
+    if target is None or not target.version:
+        return frozenset()
+    at = 1 if target.product == "valkey" else 0
+    out = set()
+    for name, since in _SINCE.items():
+        first = since[at]
+        if first is None or target.version < first:
+            out.add(name)
+    return frozenset(out)
+
+
+class CommandRefused(Exception):
+    """A replicated command the target has no equivalent for (the message says why)."""
+
+
+def translate(args: list[bytes], target: ServerVersion) -> list[list[bytes]]:
+    """Return the commands with the same effect that ``target`` takes (args of a name in
+    ``stream_fixes(target)``), or raise CommandRefused naming what it lacks."""
+    name = args[0].lower()
+    if name in (b"pexpireat", b"pexpire", b"expireat", b"expire"):
+        if len(args) > 3 and args[3].lower() in _FLAGS:
+            return [args[:3]]
+        return [args]
+    if name == b"xgroup" and len(args) > 1 and args[1].lower() in (b"create", b"setid"):
+        return [_drop_options(args, 5, {b"entriesread": 1})]   # XGROUP op key group id
+    if name == b"xsetid":
+        return [_drop_options(args, 3, {b"entriesadded": 1, b"maxdeletedid": 1})]
+    if name == b"spublish" and len(args) == 3:
+        return [[b"PUBLISH", args[1], args[2]]]   # no shard channels on the target
+    if name == b"set":
+        return [_drop_options(args, 3, {b"ifeq": 1})]
+    what = {b"function": "functions (FUNCTION needs Redis 7.0)",
+            b"delifeq": "DELIFEQ (Valkey 9.0)"}.get(name, "hash field TTLs / HSETEX, HGETEX, "
+                                                         "HGETDEL (Redis 7.4 and 8.0)")
+    raise CommandRefused(f"{target.label} has no {what}")
+
+
+def _drop_options(args: list[bytes], start: int, options: dict[bytes, int]) -> list[bytes]:
+    """Drop options (name: how many arguments follow it) from ``args[start:]``."""
+    out = args[:start]
+    i = start
+    while i < len(args):
+        skip = options.get(args[i].lower())
+        if skip is None:
+            out.append(args[i])
+            i += 1
+        else:
+            i += 1 + skip
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import random
@@ -396,7 +397,7 @@ class Task:
                                         dst)
         if error:
             raise FatalTaskError(error)
-        self.plan = plan
+        self.plan = dataclasses.replace(plan, source=src)
         self.write_mode = plan.to_json()
 
     async def _start_writing(self, source: Connection, target: Connection) -> bool:
@@ -925,7 +926,7 @@ class Task:
             "incremental changes come from keyspace notifications (best effort)"
         self.reason = self.note
         await self.persist()
-        feed = NotificationFeed(spec, p)
+        feed = NotificationFeed(spec, p, self.plan)
         await feed.subscribe()
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
         # Every start redoes the snapshot: after the first, the scope holds our own copies.

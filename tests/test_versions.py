@@ -20,8 +20,10 @@ from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, modu
 
 from .compare import assert_same, fill_mixed
 from .daemon import Daemon, spec
-from .servers import FLAVOURS, RedisServer
+from .load import Load
+from .servers import FLAVOURS, RedisServer, wait_for
 from .test_bigkeys import copy, fill_big
+from .test_incremental import converge
 
 Servers = Callable[..., RedisServer]
 
@@ -141,6 +143,69 @@ async def test_rewrite_with_existing_keys_skip_keeps_the_targets(servers: Server
     others = [k for k in src.client().scan_iter() if k not in kept]
     assert_same(src.client(), d, keys=others)
     assert not [k for k in d.scan_iter(b"cdcd:tmp:*")]
+
+
+def newer_commands(c: Any, i: int) -> None:
+    """Commands whose replicated form an older target may lack: expiry conditions, stream
+    counters, consumer groups read and claimed, pops of several keys, Valkey's SET IFEQ,
+    sharded PUBLISH (each where the source has it)."""
+    version = c.info("server")
+    valkey = "valkey_version" in version or version.get("server_name") == "valkey"
+    major = int(str(version.get("valkey_version" if valkey else "redis_version")).split(".")[0])
+    c.set(f"exp:{i}", "v")
+    c.expire(f"exp:{i}", 1000)
+    if major >= 7:
+        c.expire(f"exp:{i}", 2000, gt=True)
+        c.expire(f"exp:{i}", 10, nx=True)           # not applied: not propagated
+        c.rpush(f"mpop:{i}", *range(5))
+        c.execute_command("LMPOP", 1, f"mpop:{i}", "LEFT", "COUNT", 2)
+        c.execute_command("SPUBLISH", "chan", "m")
+    c.xadd(f"xs:{i}", {"f": i}, id=f"{i + 1}-1")
+    if major >= 7:
+        c.execute_command("XGROUP", "CREATE", f"xs:{i}", "g", "0", "ENTRIESREAD", "0")
+        c.execute_command("XSETID", f"xs:{i}", f"{i + 1}-5", "ENTRIESADDED", "3",
+                          "MAXDELETEDID", "0-1")
+    else:
+        c.xgroup_create(f"xs:{i}", "g", id="0")
+    c.xreadgroup("g", "alice", {f"xs:{i}": ">"})
+    c.xautoclaim(f"xs:{i}", "g", "bob", 0, "0-0")
+    if valkey and version["valkey_version"] >= "8.1":
+        c.set(f"ifeq:{i}", "a")
+        c.execute_command("SET", f"ifeq:{i}", "b", "IFEQ", "a")
+        c.execute_command("SET", f"ifeq:{i}", "c", "IFEQ", "zzz")   # not applied
+
+
+@pytest.mark.parametrize(("src_flavour", "dst_flavour"), PAIRS)
+def test_incremental_between_versions(src_flavour: str, dst_flavour: str, daemon: Daemon,
+                                      servers: Servers) -> None:
+    src, dst = servers(src_flavour), servers(dst_flavour)
+    fill(src.client)
+    daemon.ok("create", spec(src, dst, task_id="inc", reader="psync",
+                             migration_method="incremental_migration"))
+    wait_for(lambda: daemon.task("inc")["phase"] == "incremental", 60, what="stream phase")
+    with Load(src.client, dbs=(0, 1, 2), max_ops=200_000) as load:
+        for i in range(30):
+            newer_commands(src.client(i % 3), i)
+        wait_for(lambda: load.ops > 3000, 60, what="load during the stream phase")
+    converge(src, dst, daemon, "inc")
+    t = daemon.task("inc")
+    assert t["state"] == "Running"
+    assert t["write_mode"]["mode"] == ("rewrite" if needs_rewrite(src, dst) else "restore")
+
+
+def test_a_command_the_older_target_lacks_stops_the_task_naming_it(daemon: Daemon,
+                                                                     servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    src.client().set(b"k", b"v")
+    daemon.ok("create", spec(src, dst, task_id="fn", reader="psync",
+                             migration_method="incremental_migration"))
+    wait_for(lambda: daemon.task("fn")["phase"] == "incremental", 60, what="stream phase")
+    src.client().function_load("#!lua name=mylib\n"
+                               "redis.register_function('f', function() return 1 end)")
+    t = daemon.wait_state("fn", "Failed", timeout=60)
+    assert "replicated command 'FUNCTION LOAD" in t["reason"], t["reason"]
+    assert "Redis 6.2" in t["reason"] and "has no functions" in t["reason"]
+    assert dst.client().get(b"k") == b"v"
 
 
 # --- decoding, without servers ----------------------------------------------------------------

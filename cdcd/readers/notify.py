@@ -19,11 +19,13 @@ import logging
 import time
 from typing import Any
 
+from ..compat import RESTORE_PLAN, WritePlan
 from ..entry import COMMAND, RESTORE, Batch, Entry
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
 from ..resp import Connection, ReplyError, ServerReplyError
 from ..spec import TaskSpec
+from .rewrite import Rewriter
 
 log = logging.getLogger("cdcd.reader.notify")
 
@@ -39,9 +41,13 @@ def events_enabled(flags: str) -> bool:
 
 
 class NotificationFeed:
-    def __init__(self, spec: TaskSpec, progress: Progress) -> None:
+    def __init__(self, spec: TaskSpec, progress: Progress,
+                 plan: WritePlan = RESTORE_PLAN) -> None:
         self.spec = spec
         self.progress = progress
+        # write_mode rewrite: a changed key is written with commands, not RESTORE.
+        self.rewriter = (Rewriter(plan, task_id=spec.task_id, source="source")
+                         if plan.rewrite else None)
         self.dirty: dict[tuple[int, bytes], float] = {}   # (db, key) -> first seen at
         self.overflowed = False
         self.snapshot_done = asyncio.Event()
@@ -137,6 +143,9 @@ class NotificationFeed:
                     raise EndpointError(f"{conn.name}: DUMP failed: {payload}")
                 if payload is None or ttl == -2:
                     entries.append((COMMAND, db, [b"DEL", key]))
+                elif self.rewriter is not None:
+                    nbytes += self.rewriter.key(db, key, payload, now_ms + ttl if ttl >= 0
+                                                else 0, True, entries)
                 else:
                     entries.append((RESTORE, db, key, now_ms + ttl if ttl >= 0 else 0,
                                     payload))

@@ -20,7 +20,7 @@ from typing import Any
 
 import hiredis
 
-from ..compat import RESTORE_PLAN, WritePlan
+from ..compat import RESTORE_PLAN, CommandRefused, WritePlan, translate
 from ..entry import COMMAND, RAW, RESTORE, Batch, Entry
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
@@ -409,7 +409,9 @@ class PsyncReader:
         parser = hiredis.Reader()
         gets = parser.gets
         trivial = self.filter.trivial
-        raw = trivial and not self.parse
+        # Commands the target lacks (an older server): each is parsed and translated.
+        fixes = self.plan.fixes
+        raw = trivial and not self.parse and not fixes
         start = self.offset     # offset where the current batch began
         buf = bytearray()       # with raw: the stream's bytes from ``start`` on
         if self._buf:
@@ -506,11 +508,12 @@ class PsyncReader:
                 if name == b"eval" or name == b"evalsha" or name == b"script":
                     args = self._script(args)
                 target = in_multi if in_multi is not None else entries
-                if trivial and name not in NEEDS_FILTER:
-                    target.append((COMMAND, self.db, args, offset))
-                else:
-                    for db, cmd in flt.apply(self.db, args):
-                        target.append((COMMAND, db, cmd, offset))
+                for args in (self._translate(args) if name in fixes else (args,)):
+                    if trivial and name not in NEEDS_FILTER:
+                        target.append((COMMAND, self.db, args, offset))
+                    else:
+                        for db, cmd in flt.apply(self.db, args):
+                            target.append((COMMAND, db, cmd, offset))
                 if in_multi is None and (len(entries) >= BATCH_ENTRIES or
                                          offset - start >= BATCH_BYTES):
                     self.offset = start = offset
@@ -540,6 +543,17 @@ class PsyncReader:
         self.pending.append((self.offset, time.monotonic()))
         await out.put(Batch(entries, pos, 0, 0))
         await asyncio.sleep(0)   # let the API and other tasks in between batches
+
+    def _translate(self, args: list[bytes]) -> list[list[bytes]]:
+        """The commands an older target takes for a replicated one (cdcd.compat), or a
+        FatalTaskError naming the command it has no equivalent for."""
+        assert self.plan.target is not None
+        try:
+            return translate(args, self.plan.target)
+        except CommandRefused as exc:
+            shown = b" ".join(a[:40] for a in args[:3]).decode(errors="replace")
+            raise FatalTaskError(f"{self.name}: replicated command {shown!r} cannot be "
+                                 f"applied to the target: {exc}") from None
 
     def _script(self, args: list[bytes]) -> list[bytes]:
         """Remember script bodies so a verbatim EVALSHA can be sent as EVAL."""
