@@ -25,6 +25,7 @@ from .serve import add_serve_parser, serve
 from .spec import (
     EVICTION_ACTIONS,
     EXISTING_KEYS,
+    FUNCTIONS,
     LINK_TIMEOUT_S,
     METHODS,
     READERS,
@@ -196,6 +197,9 @@ def add_spec_flags(c: argparse.ArgumentParser) -> None:
                    help="restore (DUMP payloads), rewrite (values as commands: into an older "
                         "server), or auto: restore where the target takes the source's "
                         "payloads, else rewrite (default: auto)")
+    g.add_argument("--functions", choices=FUNCTIONS,
+                   help="the source's function libraries: copy (psync reader) or skip "
+                        "(default: copy)")
     g.add_argument("--bandwidth-mb", type=int, metavar="MB",
                    help="cap on MB/s written to the target, 1..10240 (default: unlimited)")
     g.add_argument("--start-at", metavar="TIME",
@@ -479,6 +483,7 @@ def prompt_passwords(args: argparse.Namespace, data: dict[str, Any]) -> None:
 SPEC_FLAGS = (("task_id", "task_id"), ("name", "name"), ("method", "migration_method"),
               ("reader", "reader"), ("resume_mode", "resume_mode"),
               ("existing_keys", "existing_keys"), ("write_mode", "write_mode"),
+              ("functions", "functions"),
               ("bandwidth_mb", "bandwidth_limit_mb"),
               ("start_at", "start_at"), ("link_timeout_s", "link_timeout_s"),
               ("on_target_eviction", "on_target_eviction"))

@@ -31,6 +31,7 @@ from .compat import (
     ServerVersion,
     choose_write_mode,
     server_version,
+    stream_fixes,
 )
 from .compat import parse_version as parse_version
 from .compat import rdb_version as rdb_version
@@ -337,6 +338,49 @@ async def _dump_check(src: _Side, dst: _Side, write_mode: str) -> Check:
     if c.status == "ok":
         return c
     return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
+
+
+async def _functions_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check:
+    """Say whether the source's function libraries can be copied: a target older than
+    Redis 7.0 has no functions (an error listing them, unless ``functions`` is skip)."""
+    name = "source.functions"
+    reply = (await src.pipeline([["FUNCTION", "LIST"]]))[0]
+    if reply.__class__ is ReplyError:
+        if "unknown command" in str(reply).lower():
+            return Check(name=name, status="ok", message=f"{src.name} has no functions "
+                                                         f"(before Redis 7.0)")
+        return Check(name=name, status="warning",
+                     message=f"{src.name}: FUNCTION LIST failed ({reply}): cannot tell "
+                             f"whether it holds function libraries")
+    libraries = sorted(_library_name(lib) for lib in reply or [])
+    if not libraries:
+        return Check(name=name, status="ok", message=f"{src.name} holds no function library")
+    listed = ", ".join(libraries[:20]) + (f" and {len(libraries) - 20} more"
+                                          if len(libraries) > 20 else "")
+    held = f"{src.name} holds {len(libraries)} function libraries ({listed})"
+    if spec.functions == "skip":
+        return Check(name=name, status="warning",
+                     message=f"{held}: not copied (functions is skip)")
+    target = dst.version()
+    if b"function" in stream_fixes(target):
+        return Check(name=name, status="error",
+                     message=f"{held}, and target {target.label} has no functions (FUNCTION "
+                             f"needs Redis 7.0): upgrade the target, or set \"functions\": "
+                             f"\"skip\" to copy the data without them")
+    if spec.reader == "scan":
+        return Check(name=name, status="warning",
+                     message=f"{held}: the scan reader does not copy functions (the psync "
+                             f"reader does)")
+    return Check(name=name, status="ok", message=f"{held}: copied")
+
+
+def _library_name(lib: Any) -> str:
+    """The name in one FUNCTION LIST entry (a flat list of field, value ...)."""
+    if isinstance(lib, list):
+        for i in range(0, len(lib) - 1, 2):
+            if lib[i] == b"library_name":
+                return bytes(lib[i + 1]).decode(errors="replace")
+    return "?"
 
 
 _NO_REPLID = "0" * 40
@@ -880,6 +924,7 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
             plan.append(("target.version", lambda: _version_check(dst)))
         if src.up and dst.up:
             plan.append(("dump_compatibility", lambda: _dump_check(src, dst, spec.write_mode)))
+            plan.append(("source.functions", lambda: _functions_check(src, dst, spec)))
         if src.up and spec.reader in ("psync", "auto"):
             plan.append(("source.psync", lambda: _psync_check(src, spec.reader)))
         if src.up and spec.reader == "scan":

@@ -19,6 +19,7 @@ METHODS = ("full_amount_migration", "incremental_migration")
 READERS = ("auto", "psync", "scan")
 RESUME_MODES = ("auto", "manual")
 EXISTING_KEYS = ("replace", "skip", "fail")
+FUNCTIONS = ("copy", "skip")
 EVICTION_ACTIONS = ("warn", "fail")
 # Bounds on what one spec may hold, so one task cannot make the store megabytes long.
 MAX_NAME = 256
@@ -186,6 +187,8 @@ class TaskSpec:
     # How snapshot values are written: RESTORE of DUMP payloads, commands, or whichever
     # the target takes (cdcd.compat).
     write_mode: str = "auto"
+    # The source's function libraries: copied (psync reader), or left out ("skip").
+    functions: str = "copy"
     # Another task may write the same target dbs (the operator vouches for it).
     shared_target: bool = False
     # Seconds without an answer from a server before its link is declared dead.
@@ -222,6 +225,7 @@ class TaskSpec:
             "db_mapping": {str(k): v for k, v in sorted(self.db_mapping.items())},
             "existing_keys": self.existing_keys,
             "write_mode": self.write_mode,
+            "functions": self.functions,
             "shared_target": self.shared_target,
             "link_timeout_s": self.link_timeout_s,
             "on_target_eviction": self.on_target_eviction,
@@ -685,6 +689,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
         mapping[int(k)] = v
     existing = f.choice("existing_keys", EXISTING_KEYS, "replace")
     write_mode = f.choice("write_mode", WRITE_MODES, "auto")
+    functions = f.choice("functions", FUNCTIONS, "copy")
     shared = f.pop("shared_target", bool, False)
     link_timeout = f.pop("link_timeout_s", int, LINK_TIMEOUT_S)
     if not 1 <= link_timeout <= MAX_LINK_TIMEOUT_S:
@@ -697,7 +702,8 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     return TaskSpec(task_id=task_id, name=name, source=source, target=target,
                     migration_method=method, reader=reader, resume_mode=resume_mode,
                     bandwidth_limit_mb=bw, start_at=start_at, filter=flt, db_mapping=mapping,
-                    existing_keys=existing, write_mode=write_mode, shared_target=shared,
+                    existing_keys=existing, write_mode=write_mode, functions=functions,
+                    shared_target=shared,
                     link_timeout_s=link_timeout, on_target_eviction=eviction,
                     continuous_verify=cv)
 

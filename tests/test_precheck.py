@@ -83,7 +83,7 @@ async def test_healthy_pair_every_check_ok(servers: Servers) -> None:
     elapsed = time.monotonic() - t0
     assert [c.name for c in checks] == [
         "source.connection", "target.connection", "identity", "source.version",
-        "target.version", "dump_compatibility", "source.psync", "source.topology",
+        "target.version", "dump_compatibility", "source.functions", "source.psync", "source.topology",
         "target.topology", "target.writable", "target.existing_keys", "target.memory",
         "target.eviction_policy", "source.repl_backlog"]
     assert all(c.status == "ok" for c in checks), [c.to_json() for c in checks if c.status != "ok"]

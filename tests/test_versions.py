@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from cdcd.compat import WritePlan, server_version
+from cdcd.precheck import run_prechecks
 from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, module_name
+from cdcd.spec import parse_spec
 
 from .compare import assert_same, fill_mixed
 from .daemon import Daemon, spec
@@ -206,6 +208,60 @@ def test_a_command_the_older_target_lacks_stops_the_task_naming_it(daemon: Daemo
     assert "replicated command 'FUNCTION LOAD" in t["reason"], t["reason"]
     assert "Redis 6.2" in t["reason"] and "has no functions" in t["reason"]
     assert dst.client().get(b"k") == b"v"
+
+
+LIB = "#!lua name=%s\nredis.register_function('%s', function() return 1 end)"
+
+
+async def test_functions_into_6_2_are_a_precheck_error_listing_them(servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    for name in ("mylib", "other"):
+        src.client().function_load(LIB % (name, name + "_f"))
+
+    async def check(**kw: Any) -> dict[str, str]:
+        data = spec(src, dst, **{"reader": "psync", **kw})
+        checks = await run_prechecks(parse_spec(data))
+        return {c.name: c for c in checks}["source.functions"].to_json()
+
+    c = await check()
+    assert c["status"] == "error", c
+    assert "holds 2 function libraries (mylib, other)" in c["message"]
+    assert "Redis 6.2" in c["message"] and '"functions": "skip"' in c["message"]
+    c = await check(functions="skip")
+    assert c["status"] == "warning" and "not copied (functions is skip)" in c["message"]
+    c = await check(reader="scan")
+    assert c["status"] == "error"
+    # a target with functions takes them
+    c = {x.name: x for x in await run_prechecks(parse_spec(spec(src, servers("valkey8"),
+                                                                reader="psync")))}
+    assert c["source.functions"].status == "ok" and "copied" in c["source.functions"].message
+
+
+def test_functions_skip_copies_the_data_without_them(daemon: Daemon, servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    src.client().function_load(LIB % ("mylib", "f"))
+    src.client().set(b"k", b"v")
+    daemon.ok("create", spec(src, dst, task_id="fs", reader="psync", functions="skip",
+                             migration_method="incremental_migration"))
+    wait_for(lambda: daemon.task("fs")["phase"] == "incremental", 60, what="stream phase")
+    src.client().function_load(LIB % ("later", "g"))      # in the stream: left out too
+    src.client().set(b"after", b"1")
+    converge(src, dst, daemon, "fs")
+    t = daemon.task("fs")
+    assert t["state"] == "Running" and t["spec"]["functions"] == "skip"
+    checks = {c["name"]: c for c in t["prechecks"]}
+    assert checks["source.functions"]["status"] == "warning"
+
+
+def test_functions_are_copied_into_a_target_that_has_them(daemon: Daemon,
+                                                          servers: Servers) -> None:
+    src, dst = servers("valkey8"), servers("redis7")
+    src.client().function_load(LIB % ("mylib", "f"))
+    tid = daemon.create(spec(src, dst, reader="psync"))
+    t = daemon.wait_state(tid, "Succeeded", timeout=60)
+    assert t["write_mode"]["mode"] == "rewrite"
+    assert [lib[lib.index(b"library_name") + 1]
+            for lib in dst.client().function_list()] == [b"mylib"]
 
 
 # --- decoding, without servers ----------------------------------------------------------------

@@ -333,6 +333,8 @@ class PsyncReader:
                             if seen is not None:
                                 seen.add(key_hash(rec.db, rec.key))
                         elif isinstance(rec, FunctionRecord):
+                            if spec.functions == "skip":
+                                continue
                             entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE",
                                                          rec.code]))
                         elif isinstance(rec, BigValueStart):
@@ -411,6 +413,8 @@ class PsyncReader:
         trivial = self.filter.trivial
         # Commands the target lacks (an older server): each is parsed and translated.
         fixes = self.plan.fixes
+        if self.spec.functions == "skip":
+            fixes |= {b"function"}       # dropped (see _translate)
         raw = trivial and not self.parse and not fixes
         start = self.offset     # offset where the current batch began
         buf = bytearray()       # with raw: the stream's bytes from ``start`` on
@@ -547,6 +551,8 @@ class PsyncReader:
     def _translate(self, args: list[bytes]) -> list[list[bytes]]:
         """The commands an older target takes for a replicated one (cdcd.compat), or a
         FatalTaskError naming the command it has no equivalent for."""
+        if self.spec.functions == "skip" and args[0].lower() == b"function":
+            return []
         assert self.plan.target is not None
         try:
             return translate(args, self.plan.target)
