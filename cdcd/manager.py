@@ -19,6 +19,8 @@ from .errors import (
     TargetUnavailable,
 )
 from .identity import find_conflict, target_run_id
+from .readers.rdbfile import RdbFileError
+from .readers.rdbfile import inspect as inspect_rdb_file
 from .spec import parse_spec, same_spec, spec_from_store
 from .store import Store
 from .task import State, Task
@@ -178,6 +180,11 @@ class Manager:
 
     async def create(self, data: Any) -> Task:
         spec = parse_spec(data)
+        if spec.source.rdb_file:
+            try:
+                await asyncio.to_thread(inspect_rdb_file, spec.source.rdb_file)
+            except RdbFileError as exc:
+                raise RequestError(f"request_data.source.rdb_file: {exc}") from None
         # Who the target is (None when unreachable now: addresses are compared instead);
         # asked before taking the lock, so a slow target never holds up other requests.
         run_id = await target_run_id(spec.target)

@@ -37,6 +37,8 @@ from .compat import parse_version as parse_version
 from .compat import rdb_version as rdb_version
 from .errors import CdcdError
 from .identity import resolve_async
+from .readers.rdbfile import RdbFileError, RdbFileInfo
+from .readers.rdbfile import inspect as inspect_rdb_file
 from .resp import Arg, Connection, ReplyError, keyspace, parse_info
 from .scope import writes_db
 from .spec import Endpoint, TaskSpec
@@ -338,6 +340,26 @@ async def _dump_check(src: _Side, dst: _Side, write_mode: str) -> Check:
     if c.status == "ok":
         return c
     return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
+
+
+async def _rdb_file_check(path: str) -> tuple[RdbFileInfo | None, Check]:
+    """Open the backup file a task copies and read its header."""
+    name = "source.rdb_file"
+    try:
+        info = await asyncio.to_thread(inspect_rdb_file, path)
+    except RdbFileError as exc:
+        return None, Check(name=name, status="error", message=f"source: {exc}")
+    return info, Check(name=name, status="ok", message=f"source: {info.label}")
+
+
+async def _file_dump_check(file: RdbFileInfo, dst: _Side, write_mode: str) -> Check:
+    """How the file's values will be written, as for a server source."""
+    target = dst.version()
+    plan, error = choose_write_mode(write_mode, file.label, file.version, target)
+    if error:
+        return Check(name="dump_compatibility", status="error", message=error)
+    return Check(name="dump_compatibility", status="ok",
+                 message=f"write_mode {plan.mode}: {plan.reason}")
 
 
 async def _functions_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check:
@@ -901,9 +923,16 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
         unresolved["target"] = exc.message
     src = _Side("source", spec.source, command_timeout)
     dst = _Side("target", spec.target, command_timeout)
+    file: RdbFileInfo | None = None
+    first: list[Check] = []
+    if spec.source.rdb_file:        # a backup file, not a server
+        file, check = await _rdb_file_check(spec.source.rdb_file)
+        first.append(check)
     try:
         async with asyncio.TaskGroup() as tg:
             for side in (src, dst):
+                if side.role == "source" and spec.source.rdb_file:
+                    continue
                 if side.role in unresolved:
                     side.connect_error = unresolved[side.role]
                 else:
@@ -922,6 +951,9 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
             plan.append(("source.version", lambda: _version_check(src)))
         if dst.up:
             plan.append(("target.version", lambda: _version_check(dst)))
+        if file is not None and dst.up:
+            plan.append(("dump_compatibility",
+                         lambda: _file_dump_check(file, dst, spec.write_mode)))
         if src.up and dst.up:
             plan.append(("dump_compatibility", lambda: _dump_check(src, dst, spec.write_mode)))
             plan.append(("source.functions", lambda: _functions_check(src, dst, spec)))
@@ -951,6 +983,7 @@ async def run_prechecks(spec: TaskSpec, *, fresh: bool = True,
                          lambda: _backlog_check(src, backlog_sample_s)))
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(_guard(name, fn)) for name, fn in plan]
-        return [_connection_check(src), _connection_check(dst)] + [t.result() for t in tasks]
+        first += [] if spec.source.rdb_file else [_connection_check(src)]
+        return first + [_connection_check(dst)] + [t.result() for t in tasks]
     finally:
         await asyncio.gather(src.close(), dst.close())

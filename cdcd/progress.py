@@ -38,6 +38,8 @@ class Progress:
     verify_last_error: str = ""
     last_checkpoint_at: str = ""
     reader: str = ""
+    file_bytes_read: int = 0     # an rdb_file source: bytes read of the file's size
+    file_bytes_total: int = 0
     _rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def sample(self) -> None:
@@ -64,6 +66,8 @@ class Progress:
         total = max(self.keys_total, self.keys_done)
         if self.snapshot_done:
             percent = 100.0
+        elif self.file_bytes_total:     # a file: its keys are counted as they come
+            percent = round(min(99.9, 100.0 * self.file_bytes_read / self.file_bytes_total), 1)
         elif total:
             percent = round(min(99.9, 100.0 * self.keys_done / total), 1)
         else:
@@ -77,7 +81,10 @@ class Progress:
         out: dict[str, Any] = {
             "snapshot": {"keys_total": total, "keys_done": self.keys_done,
                          "keys_skipped": self.keys_skipped, "bytes": self.snapshot_bytes,
-                         "percent": percent, "eta_s": eta},
+                         "percent": percent, "eta_s": eta,
+                         **({"file_bytes_read": self.file_bytes_read,
+                             "file_bytes_total": self.file_bytes_total}
+                            if self.file_bytes_total else {})},
             "status": self.status,
             "ops_per_sec": self.ops_per_sec(),
             "bytes_written": self.bytes_written,
@@ -113,7 +120,9 @@ class Progress:
                 "verify_runs": self.verify_runs, "verify_drift_total": self.verify_drift_total,
                 "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "applied_offset": self.applied_offset,
-                "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader}
+                "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader,
+                "file_bytes_read": self.file_bytes_read,
+                "file_bytes_total": self.file_bytes_total}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Progress:

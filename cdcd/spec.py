@@ -20,6 +20,7 @@ READERS = ("auto", "psync", "scan")
 RESUME_MODES = ("auto", "manual")
 EXISTING_KEYS = ("replace", "skip", "fail")
 FUNCTIONS = ("copy", "skip")
+MAX_RDB_PATH = 4096
 EVICTION_ACTIONS = ("warn", "fail")
 # Bounds on what one spec may hold, so one task cannot make the store megabytes long.
 MAX_NAME = 256
@@ -99,6 +100,8 @@ class Endpoint:
     sentinel: Sentinel | None = None
     # A cluster source: read each shard from its master (default) or one of its replicas.
     read_from: str = "master"
+    # A source that is a backup file (an absolute path the daemon reads), not a server.
+    rdb_file: str = ""
 
     def __repr__(self) -> str:
         pw = self.password if isinstance(self.password, SecretRef) else \
@@ -122,6 +125,8 @@ class Endpoint:
     def to_json(self, *, mask: bool) -> dict[str, Any]:
         """A reference (``{"env": ...}``, ``{"file": ...}``) is shown as is: it is not a
         secret; a password string is ``***`` when masked."""
+        if self.rdb_file:
+            return {"rdb_file": self.rdb_file}
         if isinstance(self.password, SecretRef):
             password: Any = self.password.to_json()
         else:
@@ -488,6 +493,16 @@ def parse_sentinel(fields: _Fields) -> Sentinel:
 
 
 def parse_endpoint(fields: _Fields) -> Endpoint:
+    if "rdb_file" in fields.obj:
+        path = fields.pop("rdb_file", str, "")
+        others = sorted(fields.obj)
+        if others:
+            raise RequestError(f"{fields._name(others[0])}: an rdb_file source takes no "
+                               f"other field")
+        if not path.startswith("/") or len(path) > MAX_RDB_PATH:
+            raise RequestError(f"{fields._name('rdb_file')}: must be an absolute path (at "
+                               f"most {MAX_RDB_PATH} characters) the daemon can read")
+        return Endpoint(addrs=(), rdb_file=path)
     sentinel_fields = fields.sub("sentinel")
     sentinel = None
     if sentinel_fields is not None:
@@ -665,6 +680,15 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     assert src is not None and dst is not None
     source = parse_endpoint(src)
     target = parse_endpoint(dst)
+    if target.rdb_file:
+        raise RequestError(f"{path}.target.rdb_file: a file is a source only")
+    if source.rdb_file:
+        if f.obj.get("migration_method", "full_amount_migration") != "full_amount_migration":
+            raise RequestError(f"{path}.migration_method: an rdb_file source is copied once: "
+                               f"full_amount_migration only")
+        if f.obj.get("reader", "auto") not in ("auto", "psync"):
+            raise RequestError(f"{path}.reader: an rdb_file source is read as an RDB: leave "
+                               f"reader out (or auto)")
     if target.read_from != "master":
         raise RequestError(f"{path + '.' if path else ''}target.read_from: only a source "
                            f"is read from")
@@ -697,7 +721,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     eviction = f.choice("on_target_eviction", EVICTION_ACTIONS, "warn")
     cv = parse_continuous_verify(f.sub("continuous_verify"))
     f.done()
-    if source.addrs == target.addrs:
+    if not source.rdb_file and source.addrs == target.addrs:
         raise RequestError(f"{path}.target.addrs: must differ from source.addrs")
     return TaskSpec(task_id=task_id, name=name, source=source, target=target,
                     migration_method=method, reader=reader, resume_mode=resume_mode,

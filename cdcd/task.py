@@ -31,6 +31,8 @@ from .progress import Progress
 from .ratelimit import TokenBucket
 from .readers.notify import NotificationFeed
 from .readers.psync import PsyncReader, PsyncRefused, StreamPos, key_hash
+from .readers.rdbfile import RdbFileError, RdbFileReader
+from .readers.rdbfile import inspect as inspect_rdb_file
 from .readers.scan import ScanSnapshot
 from .resp import Arg, Connection, ReplyError, ServerReplyError, keyspace, parse_info
 from .router import ClusterRouter
@@ -339,6 +341,9 @@ class Task:
         await self.persist()    # the store must take our records before any data moves
         # A Sentinel-managed side: its master's address now (stored specs keep the sentinel)
         self.spec = spec = await sentinel.resolve_spec(self.spec)
+        if spec.source.rdb_file:
+            await self._run_rdb_file()
+            return
         source = await Connection.open_endpoint(spec.source, role="source")
         try:
             target = await Connection.open_endpoint(spec.target, role="target",
@@ -400,7 +405,48 @@ class Task:
         self.plan = dataclasses.replace(plan, source=src)
         self.write_mode = plan.to_json()
 
-    async def _start_writing(self, source: Connection, target: Connection) -> bool:
+    async def _run_rdb_file(self) -> None:
+        """Copy a backup file (source rdb_file) once: its RDB through the psync reader's
+        path, from the start again after any interruption (it replaces what it wrote)."""
+        spec = self.spec
+        target = await Connection.open_endpoint(spec.target, role="target",
+                                                io_timeout=float(spec.link_timeout_s))
+        try:
+            await self._precheck()
+            try:
+                info = await asyncio.to_thread(inspect_rdb_file, spec.source.rdb_file)
+            except RdbFileError as exc:
+                raise FatalTaskError(f"source: {exc}") from None
+            dst = server_version(parse_info(await target.call("INFO", "server")))
+            plan, error = choose_write_mode(spec.write_mode, info.label, info.version, dst)
+            if error:
+                raise FatalTaskError(error)
+            self.plan, self.write_mode = plan, plan.to_json()
+            await self._learn_topology(target)
+            restarted = await self._start_writing(None, target)
+            self.progress.reader = "rdb_file"
+            self.set_phase("snapshot")
+            self.progress.begin_snapshot()
+            self.progress.status = f"reading {info.label}"
+            await self.persist()
+            queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+            writer = await self._writer(target, replace=self._replace(restarted))
+            reader = RdbFileReader(spec, self.progress, plan=plan)
+            reader.replace = writer.replace
+
+            async def ack(batch: Batch) -> None:
+                pass
+
+            await run_pipeline(reader.run(queue), writer.run(queue, ack), self._checkpointer(),
+                               self._watch_target())
+            self.progress.snapshot_done = True
+            self.progress.status = ""
+            self.set_state(State.SUCCEEDED, phase="done", reason=self.note)
+            await self.persist()
+        finally:
+            target.close()
+
+    async def _start_writing(self, source: Connection | None, target: Connection) -> bool:
         """Learn who the target is and record, before the first write, that the task
         writes it; return whether an earlier attempt may have written already.
 
@@ -428,6 +474,7 @@ class Task:
             self.checkpoint["started"] = {"at": now_iso(),
                                           "preexisting": await self._scope_holds_keys(target)}
             if self.spec.incremental and self.topology is None:
+                assert source is not None
                 db = await self._marker_db(source, target)
                 self.checkpoint["marker_db"] = db
                 self.markers = Markers(self.spec.task_id, db)

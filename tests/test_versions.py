@@ -10,6 +10,7 @@ chunked path too.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -262,6 +263,93 @@ def test_functions_are_copied_into_a_target_that_has_them(daemon: Daemon,
     assert t["write_mode"]["mode"] == "rewrite"
     assert [lib[lib.index(b"library_name") + 1]
             for lib in dst.client().function_list()] == [b"mylib"]
+
+
+def bgsave(server: RedisServer) -> str:
+    """Save the server's dataset with BGSAVE; return the file's path."""
+    c = server.client()
+    assert c.info("persistence")["rdb_changes_since_last_save"] > 0
+    c.bgsave()
+
+    def saved() -> bool:
+        info = c.info("persistence")
+        return not info["rdb_bgsave_in_progress"] and not info["rdb_changes_since_last_save"]
+    wait_for(saved, 30, what="BGSAVE")
+    assert c.info("persistence")["rdb_last_bgsave_status"] == "ok"
+    return str(server.dir / "dump.rdb")
+
+
+@pytest.mark.parametrize(("file_flavour", "dst_flavour"),
+                         [(f, "redis6") for f in FLAVOURS] + [("redis7", "redis7"),
+                                                              ("valkey8", "valkey8")])
+def test_rdb_file_written_by_each_version_is_imported_exactly(
+        file_flavour: str, dst_flavour: str, daemon: Daemon, servers: Servers) -> None:
+    src, dst = servers(file_flavour), servers(dst_flavour)
+    fill(src.client)
+    path = bgsave(src)
+    size = os.path.getsize(path)
+    tid = daemon.create({"source": {"rdb_file": path}, "target": {"addrs": dst.addr},
+                         "migration_method": "full_amount_migration"})
+    t = daemon.wait_state(tid, "Succeeded", timeout=120)
+    assert_copied(src, dst)
+    snap = t["progress"]["snapshot"]
+    assert snap["file_bytes_read"] == snap["file_bytes_total"] == size
+    assert snap["percent"] == 100.0
+    assert snap["keys_done"] == sum(src.client(db).dbsize() for db in range(3))
+    assert t["progress"]["reader"] == "rdb_file" and t["spec"]["source"] == {"rdb_file": path}
+    assert t["write_mode"]["mode"] == ("rewrite" if needs_rewrite(src, dst) else "restore")
+    checks = {c["name"]: c for c in t["prechecks"]}
+    assert checks["source.rdb_file"]["status"] == "ok" and path in checks["source.rdb_file"][
+        "message"]
+
+
+def test_rdb_file_through_filters_and_db_mapping(daemon: Daemon, servers: Servers) -> None:
+    src, dst = servers("redis7"), servers("redis6")
+    fill(src.client)
+    path = bgsave(src)
+    tid = daemon.create({"source": {"rdb_file": path}, "target": {"addrs": dst.addr},
+                         "filter": {"dbs": [1], "exclude_prefixes": ["stream:"]},
+                         "db_mapping": {"1": 4}})
+    daemon.wait_state(tid, "Succeeded", timeout=60)
+    keys = [k for k in src.client(1).scan_iter() if not k.startswith(b"stream:")]
+    assert_same(src.client(1), dst.client(4), keys=keys)
+    assert dst.client(4).dbsize() == len(keys)
+    assert dst.client(0).dbsize() == dst.client(1).dbsize() == 0
+
+
+def test_rdb_file_bad_paths_and_files_are_refused(daemon: Daemon, servers: Servers,
+                                                  tmp_path: Any) -> None:
+    dst = servers()
+    junk = tmp_path / "junk.rdb"
+    junk.write_bytes(b"hello, this is not an RDB")
+
+    def refused(source: dict[str, Any], **kw: Any) -> str:
+        status, body = daemon.api("create", {"source": source, "target": {"addrs": dst.addr},
+                                             **kw})
+        assert status == 400, body
+        return str(body["message"])
+
+    assert "does not exist" in refused({"rdb_file": str(tmp_path / "missing.rdb")})
+    assert "is not an RDB file" in refused({"rdb_file": str(junk)})
+    assert "is a directory" in refused({"rdb_file": str(tmp_path)})
+    assert "absolute path" in refused({"rdb_file": "dump.rdb"})
+    assert "takes no other field" in refused({"rdb_file": str(junk), "addrs": dst.addr})
+    assert "full_amount_migration only" in refused(
+        {"rdb_file": str(junk)}, migration_method="incremental_migration")
+    assert dst.client().dbsize() == 0
+
+
+def test_a_truncated_rdb_file_fails_the_task_saying_so(daemon: Daemon, servers: Servers,
+                                                      tmp_path: Any) -> None:
+    src, dst = servers(), servers()
+    fill(src.client)
+    whole = open(bgsave(src), "rb").read()
+    cut = tmp_path / "cut.rdb"
+    cut.write_bytes(whole[:len(whole) // 2])
+    tid = daemon.create({"source": {"rdb_file": str(cut)}, "target": {"addrs": dst.addr}})
+    t = daemon.wait_state(tid, "Failed", timeout=60)
+    assert str(cut) in t["reason"] and "RDB ended before its EOF opcode" in t["reason"]
+    assert "truncated" in t["reason"]
 
 
 # --- decoding, without servers ----------------------------------------------------------------
