@@ -28,6 +28,10 @@ incremental  (a) redis-benchmark SET -P 16 against the source alone, (a') with a
 memory       the daemon's peak RSS (VmHWM) while snapshotting the N-key dataset and a
              big-key dataset (a 300 MB string, a 5M-field hash, a 5M-element list;
              scaled by --big-scale).
+rewrite      write_mode rewrite (values decoded and written as commands, what a copy into
+             an older server does): the N-key dataset and the mixed dataset, native vs
+             cdcd reader=psync with write_mode rewrite into a fresh server of the same
+             version, interleaved rounds, medians, as in snapshot.
 bandwidth    a task with bandwidth_limit_mb=5 copying more than it can in the window:
              bytes/s arriving at the target (INFO total_net_input_bytes) vs the limit.
 tasks        50 incremental tasks on one daemon under a light load: list/get latency.
@@ -69,7 +73,7 @@ from tests.cluster import Cluster  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 from tests.servers import RedisServer, wait_for  # noqa: E402
 
-SECTIONS = ("snapshot", "incremental", "memory", "bandwidth", "tasks")
+SECTIONS = ("snapshot", "rewrite", "incremental", "memory", "bandwidth", "tasks")
 MB = 1_000_000          # bandwidth_limit_mb is in 10^6 bytes (cdcd/ratelimit.py); so is MB/s
 MiB = 1 << 20           # RSS is reported in MiB
 GB = 1_000_000_000      # the memory dataset is 2 GB of source used_memory
@@ -511,8 +515,10 @@ class Bench:
                 try:
                     if kind == "native":
                         r = self.native_sync(src, nkeys, timeout)
-                    else:
-                        r = self.cdcd_sync(src, kind, nkeys, timeout)
+                    else:   # "psync", "scan", or "psync+rewrite": a reader and a write_mode
+                        reader, _, mode = kind.partition("+")
+                        r = self.cdcd_sync(src, reader, nkeys, timeout,
+                                           **({"write_mode": mode} if mode else {}))
                 except (NotAvailable, TimeoutError, AssertionError, redis.RedisError,
                         OSError) as exc:
                     errors[kind] = short(exc)
@@ -606,6 +612,36 @@ class Bench:
                     res["errors"].get(reader) or res["errors"].get("native", "?")),
                     "<= 2.0 (aim 1.5)")
         self.results["mixed_mb_unit"] = unit
+
+    def section_rewrite(self) -> None:
+        """write_mode rewrite against native replication: DEBUG POPULATE keys (strings:
+        one SET each instead of RESTORE) and the mixed dataset (every value decoded)."""
+        S = "rewrite"
+        rounds = self.args.rounds
+        kind = "psync+rewrite"
+        for label, n, build in (("", self.args.keys, self.populate),
+                                ("mixed ", self.args.mixed_keys, self.build_mixed)):
+            timeout = max(120.0, n / 2_000)
+            print(f"\n== rewrite: {label or 'DEBUG POPULATE '}{n:,} keys, write_mode rewrite; "
+                  f"{rounds} rounds, medians ==", flush=True)
+            src = self.server(source=True)
+            try:
+                build(src, n)
+                res = self.compare(src, n, rounds, timeout, readers=(kind,))
+            finally:
+                src.cleanup()
+            key = f"rewrite{'_mixed' if label else ''}"
+            self.results[key] = {"keys": n, **res}
+            med = res["median_seconds"]
+            metric = f"{label}{n:,} keys: cdcd/native time, reader=psync, write_mode rewrite"
+            if kind in med and "native" in med:
+                ratio = med[kind] / med["native"]
+                self.results[key]["ratio"] = ratio
+                self.row(S, metric, f"{ratio:.2f}x ({fmt_s(med[kind])}, {n / med[kind]:,.0f} "
+                         f"keys/s; native {fmt_s(med['native'])})")
+            else:
+                self.unavailable(S, metric, NotAvailable(
+                    res["errors"].get(kind) or res["errors"].get("native", "?")))
 
     def _cluster_target_row(self, src: RedisServer, n: int, timeout: float,
                             standalone: float | None) -> None:
@@ -1297,6 +1333,10 @@ class Bench:
             if f"ratio_{reader}" in mixed:
                 out.append(f"snapshot mixed {mixed['keys']:,} keys, {reader}: "
                            f"{mixed[f'ratio_{reader}']:.2f}x native time")
+        for key, what in (("rewrite", ""), ("rewrite_mixed", "mixed ")):
+            if "ratio" in r.get(key, {}):
+                out.append(f"snapshot {what}{r[key]['keys']:,} keys, psync, write_mode rewrite: "
+                           f"{r[key]['ratio']:.2f}x native time")
         inc = r.get("incremental", {})
         if "fraction_of_alone" in inc:
             out.append(f"incremental applied rate: {inc['fraction_of_alone']:.2f} of the "

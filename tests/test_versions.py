@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -353,6 +354,25 @@ def test_a_truncated_rdb_file_fails_the_task_saying_so(daemon: Daemon, servers: 
 
 
 # --- decoding, without servers ----------------------------------------------------------------
+
+def test_lzf_in_c_and_in_python_agree() -> None:
+    from cdcd import rdb
+    lzf = pytest.importorskip("lzf")
+    rnd = random.Random(3)
+    for _ in range(200):
+        data = b"".join(rnd.choice([b"abc" * rnd.randrange(1, 50), rnd.randbytes(20),
+                                    b"\0" * rnd.randrange(300)]) for _ in range(20))
+        packed = lzf.compress(data)
+        if packed is None:      # incompressible: Redis stores it plain
+            continue
+        assert rdb._lzf_decompress(packed, len(data), 0) == data
+        assert rdb._lzf_decompress_py(packed, len(data), 0) == data
+    packed = lzf.compress(b"x" * 1000)
+    with pytest.raises(rdb._Corrupt, match="expands to 1000 bytes, expected 999"):
+        rdb._lzf_decompress(packed, 999, 0)
+    with pytest.raises(rdb._Corrupt, match="truncated"):
+        rdb._lzf_decompress(packed[:-1], 1000, 0)
+
 
 def test_module_values_name_their_module() -> None:
     # moduleTypeEncodeId("ReJSON-RL", 3): 9 characters of 6 bits, then 10 bits of version
