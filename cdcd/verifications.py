@@ -116,6 +116,10 @@ def parse_verify(data: dict[str, Any], get_task: Callable[[Any], Task]) -> Verif
     else:
         raise RequestError("request_data.task_id: required, or request_data.source and "
                            "request_data.target")
+    if spec.source.rdb_file:
+        raise RequestError(f"request_data.{'task_id' if 'task_id' in data else 'source'}: "
+                           f"the source is an RDB file, not a server: there is nothing to "
+                           f"compare the target with")
     v = Verification(spec, recheck=recheck, recheck_delay=RECHECK_DELAY if recheck else 0.0,
                      **options)
     if not spec.task_id:

@@ -293,6 +293,8 @@ def test_rdb_file_written_by_each_version_is_imported_exactly(
                          "migration_method": "full_amount_migration"})
     t = daemon.wait_state(tid, "Succeeded", timeout=120)
     assert_copied(src, dst)
+    status, body = daemon.api("verify", {"task_id": tid})
+    assert status == 400 and "the source is an RDB file" in body["message"], body
     snap = t["progress"]["snapshot"]
     assert snap["file_bytes_read"] == snap["file_bytes_total"] == size
     assert snap["percent"] == 100.0
