@@ -28,6 +28,7 @@ from .spec import (
     FUNCTIONS,
     LINK_TIMEOUT_S,
     METHODS,
+    MODULES,
     READERS,
     RESUME_MODES,
 )
@@ -200,6 +201,10 @@ def add_spec_flags(c: argparse.ArgumentParser) -> None:
     g.add_argument("--functions", choices=FUNCTIONS,
                    help="the source's function libraries: copy (psync reader) or skip "
                         "(default: copy)")
+    g.add_argument("--modules", choices=MODULES,
+                   help="a module value where values are written as commands (write_mode "
+                        "rewrite): fail the task, or skip the key (listed in the view) "
+                        "(default: fail)")
     g.add_argument("--bandwidth-mb", type=int, metavar="MB",
                    help="cap on MB/s written to the target, 1..10240 (default: unlimited)")
     g.add_argument("--start-at", metavar="TIME",
@@ -483,7 +488,7 @@ def prompt_passwords(args: argparse.Namespace, data: dict[str, Any]) -> None:
 SPEC_FLAGS = (("task_id", "task_id"), ("name", "name"), ("method", "migration_method"),
               ("reader", "reader"), ("resume_mode", "resume_mode"),
               ("existing_keys", "existing_keys"), ("write_mode", "write_mode"),
-              ("functions", "functions"),
+              ("functions", "functions"), ("modules", "modules"),
               ("bandwidth_mb", "bandwidth_limit_mb"),
               ("start_at", "start_at"), ("link_timeout_s", "link_timeout_s"),
               ("on_target_eviction", "on_target_eviction"))

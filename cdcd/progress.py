@@ -7,6 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+NOT_WRITTEN_LISTED = 100
+
 
 @dataclass(kw_only=True)
 class Progress:
@@ -40,6 +42,9 @@ class Progress:
     reader: str = ""
     file_bytes_read: int = 0     # an rdb_file source: bytes read of the file's size
     file_bytes_total: int = 0
+    # Keys left out on purpose (modules: skip): how many, and the first NOT_WRITTEN_LISTED.
+    not_written: int = 0
+    not_written_keys: list[str] = field(default_factory=list)
     _rate: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
     def sample(self) -> None:
@@ -82,6 +87,9 @@ class Progress:
             "snapshot": {"keys_total": total, "keys_done": self.keys_done,
                          "keys_skipped": self.keys_skipped, "bytes": self.snapshot_bytes,
                          "percent": percent, "eta_s": eta,
+                         **({"not_written": {"count": self.not_written,
+                                             "keys": self.not_written_keys}}
+                            if self.not_written else {}),
                          **({"file_bytes_read": self.file_bytes_read,
                              "file_bytes_total": self.file_bytes_total}
                             if self.file_bytes_total else {})},
@@ -122,7 +130,8 @@ class Progress:
                 "applied_offset": self.applied_offset,
                 "last_checkpoint_at": self.last_checkpoint_at, "reader": self.reader,
                 "file_bytes_read": self.file_bytes_read,
-                "file_bytes_total": self.file_bytes_total}
+                "file_bytes_total": self.file_bytes_total,
+                "not_written": self.not_written, "not_written_keys": self.not_written_keys}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Progress:
@@ -136,8 +145,17 @@ class Progress:
                 "sampled": self.verify_sampled, "drift": self.verify_drift,
                 "drift_total": self.verify_drift_total, "last_error": self.verify_last_error}
 
+    def not_written_key(self, what: str) -> None:
+        """A key left out on purpose (what and why): counted as skipped, and listed."""
+        self.keys_skipped += 1
+        self.not_written += 1
+        if len(self.not_written_keys) < NOT_WRITTEN_LISTED:
+            self.not_written_keys.append(what)
+
     def begin_snapshot(self, keys_total: int = 0) -> None:
         """Reset the snapshot counters for a new (or redone) snapshot."""
+        self.not_written = 0
+        self.not_written_keys = []
         self.keys_done = self.keys_skipped = self.snapshot_bytes = 0
         self.keys_total = keys_total
         self.snapshot_done = False

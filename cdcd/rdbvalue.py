@@ -31,7 +31,7 @@ from .rdb import (
     _stream_id,
 )
 
-__all__ = ["ValueNotRewritable", "decode_payload", "decode_value", "module_name"]
+__all__ = ["ModuleValue", "ValueNotRewritable", "decode_payload", "decode_value", "module_name"]
 
 _STREAMS = (15, 19, 21)
 _MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -46,6 +46,10 @@ Decoded = tuple[str, list[Any], StreamMeta | None]
 
 class ValueNotRewritable(Exception):
     """A value no command can rebuild (module types), or a malformed one."""
+
+
+class ModuleValue(ValueNotRewritable):
+    """A module type's value: only the module can write it."""
 
 
 def module_name(module_id: int) -> str:
@@ -90,7 +94,7 @@ def decode_value(t: int, data: bytes) -> Decoded:
             return _BIG_KINDS[t], items, meta
         if t in (6, 7):
             module = module_name(_length(data, 0, n)[0]) if t == 7 else "pre-GA format"
-            raise ValueNotRewritable(f"a module value of module {module}: only the module "
+            raise ModuleValue(f"a module value of module {module}: only the module "
                                      f"can write it (RESTORE into a target with the module "
                                      f"loaded)")
     except (_NeedMore, _Corrupt, IndexError) as exc:

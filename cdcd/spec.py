@@ -20,6 +20,7 @@ READERS = ("auto", "psync", "scan")
 RESUME_MODES = ("auto", "manual")
 EXISTING_KEYS = ("replace", "skip", "fail")
 FUNCTIONS = ("copy", "skip")
+MODULES = ("fail", "skip")
 MAX_RDB_PATH = 4096
 EVICTION_ACTIONS = ("warn", "fail")
 # Bounds on what one spec may hold, so one task cannot make the store megabytes long.
@@ -194,6 +195,8 @@ class TaskSpec:
     write_mode: str = "auto"
     # The source's function libraries: copied (psync reader), or left out ("skip").
     functions: str = "copy"
+    # A module value where values are written as commands: fail the task, or leave it out.
+    modules: str = "fail"
     # Another task may write the same target dbs (the operator vouches for it).
     shared_target: bool = False
     # Seconds without an answer from a server before its link is declared dead.
@@ -231,6 +234,7 @@ class TaskSpec:
             "existing_keys": self.existing_keys,
             "write_mode": self.write_mode,
             "functions": self.functions,
+            "modules": self.modules,
             "shared_target": self.shared_target,
             "link_timeout_s": self.link_timeout_s,
             "on_target_eviction": self.on_target_eviction,
@@ -714,6 +718,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
     existing = f.choice("existing_keys", EXISTING_KEYS, "replace")
     write_mode = f.choice("write_mode", WRITE_MODES, "auto")
     functions = f.choice("functions", FUNCTIONS, "copy")
+    modules = f.choice("modules", MODULES, "fail")
     shared = f.pop("shared_target", bool, False)
     link_timeout = f.pop("link_timeout_s", int, LINK_TIMEOUT_S)
     if not 1 <= link_timeout <= MAX_LINK_TIMEOUT_S:
@@ -727,6 +732,7 @@ def parse_spec(data: Any, *, path: str = "request_data") -> TaskSpec:
                     migration_method=method, reader=reader, resume_mode=resume_mode,
                     bandwidth_limit_mb=bw, start_at=start_at, filter=flt, db_mapping=mapping,
                     existing_keys=existing, write_mode=write_mode, functions=functions,
+                    modules=modules,
                     shared_target=shared,
                     link_timeout_s=link_timeout, on_target_eviction=eviction,
                     continuous_verify=cv)

@@ -77,7 +77,7 @@ def test_flags_build_every_spec_field(tmp_path: Path) -> None:
         "--method", "incremental_migration", "--reader", "psync", "--resume-mode", "manual",
         "--existing-keys", "skip", "--bandwidth-mb", "50", "--start-at",
         "2030-01-01T00:00:00Z", "--shared-target", "--link-timeout-s", "30",
-        "--on-target-eviction", "fail", "--write-mode", "rewrite", "--functions", "skip", "--db", "0", "--db", "1", "--include-prefix", "user:",
+        "--on-target-eviction", "fail", "--write-mode", "rewrite", "--functions", "skip", "--modules", "skip", "--db", "0", "--db", "1", "--include-prefix", "user:",
         "--include-prefix", "order:", "--exclude-prefix", "tmp:", "--map", "1:0",
         "--continuous-verify-sample", "500", "--continuous-verify-every-s", "60")
     assert data == {
@@ -87,7 +87,7 @@ def test_flags_build_every_spec_field(tmp_path: Path) -> None:
         "target": {"addrs": "127.0.0.1:6380", "username": "writer",
                    "password": {"file": str(tmp_path / "target.pw")}, "tls": True},
         "migration_method": "incremental_migration", "reader": "psync",
-        "resume_mode": "manual", "existing_keys": "skip", "write_mode": "rewrite", "functions": "skip",
+        "resume_mode": "manual", "existing_keys": "skip", "write_mode": "rewrite", "functions": "skip", "modules": "skip",
         "bandwidth_limit_mb": 50,
         "start_at": "2030-01-01T00:00:00Z", "shared_target": True, "link_timeout_s": 30,
         "on_target_eviction": "fail",
@@ -100,7 +100,7 @@ def test_flags_build_every_spec_field(tmp_path: Path) -> None:
     parsed = parse_spec(data).to_json(mask=False)
     flagged = {"task_id", "name", "source", "target", "migration_method", "reader",
                "resume_mode", "bandwidth_limit_mb", "start_at", "filter", "db_mapping",
-               "existing_keys", "write_mode", "functions", "shared_target", "link_timeout_s",
+               "existing_keys", "write_mode", "functions", "modules", "shared_target", "link_timeout_s",
                "on_target_eviction", "continuous_verify"}
     assert flagged <= set(parsed)
     assert parsed["source"]["password"] == {"env": "SRC_PW"}

@@ -18,8 +18,11 @@ from typing import Any
 import pytest
 
 from cdcd.compat import WritePlan, server_version
+from cdcd.errors import FatalTaskError
 from cdcd.precheck import run_prechecks
+from cdcd.progress import Progress
 from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, module_name
+from cdcd.readers.rewrite import Rewriter
 from cdcd.spec import parse_spec
 
 from .compare import assert_same, fill_mixed
@@ -376,17 +379,47 @@ def test_lzf_in_c_and_in_python_agree() -> None:
         rdb._lzf_decompress(packed[:-1], 1000, 0)
 
 
+MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
 def test_module_values_name_their_module() -> None:
     # moduleTypeEncodeId("ReJSON-RL", 3): 9 characters of 6 bits, then 10 bits of version
-    charset = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
     module_id = 0
     for ch in "ReJSON-RL":
-        module_id = (module_id << 6) | charset.index(ch)
+        module_id = (module_id << 6) | MODULE_CHARSET.index(ch)
     module_id = (module_id << 10) | 3
     assert module_name(module_id) == "ReJSON-RL (encoding version 3)"
     body = b"\x81" + module_id.to_bytes(8, "big") + b"\x00"
     with pytest.raises(ValueNotRewritable, match="module ReJSON-RL"):
         decode_value(7, body)
+
+
+def test_module_values_fail_the_task_or_are_skipped_and_listed() -> None:
+    """Pure logic: no test server loads a module, so the payload is built here."""
+    module_id = 0
+    for ch in "ReJSON-RL":
+        module_id = (module_id << 6) | MODULE_CHARSET.index(ch)
+    payload = bytes([7]) + b"\x81" + ((module_id << 10) | 3).to_bytes(8, "big") + \
+        b"\x00" + b"\x0b\x00" + bytes(8)
+    plan = WritePlan(mode="rewrite", reason="test")
+    for modules in ("fail", "skip"):
+        spec_ = parse_spec(spec("127.0.0.1:1", "127.0.0.1:2", task_id="m", modules=modules))
+        progress = Progress()
+        out: list[Any] = []
+        rewriter = Rewriter(plan, spec_, progress, source="source x")
+        if modules == "fail":
+            with pytest.raises(FatalTaskError) as exc:
+                rewriter.key(3, b"doc:1", payload, 0, True, out)
+            assert "key b'doc:1' (db 3)" in exc.value.message
+            assert "module ReJSON-RL (encoding version 3)" in exc.value.message
+            assert '"modules": "skip"' in exc.value.message
+            continue
+        assert rewriter.key(3, b"doc:1", payload, 0, True, out) == 0 and out == []
+        view = progress.view(incremental=False)["snapshot"]
+        assert view["keys_skipped"] == 1
+        assert view["not_written"] == {"count": 1, "keys": [
+            "db 3 key b'doc:1': a module value of module ReJSON-RL (encoding version 3): only "
+            "the module can write it (RESTORE into a target with the module loaded)"]}
 
 
 def test_values_no_command_rebuilds_are_refused() -> None:

@@ -46,7 +46,7 @@ class NotificationFeed:
         self.spec = spec
         self.progress = progress
         # write_mode rewrite: a changed key is written with commands, not RESTORE.
-        self.rewriter = (Rewriter(plan, task_id=spec.task_id, source="source")
+        self.rewriter = (Rewriter(plan, spec, progress, source="source")
                          if plan.rewrite else None)
         self.dirty: dict[tuple[int, bytes], float] = {}   # (db, key) -> first seen at
         self.overflowed = False

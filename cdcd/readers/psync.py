@@ -280,7 +280,7 @@ class PsyncReader:
                 return flt.db_ok(db) and flt.key_ok(key)
         # write_mode rewrite: the splitter's KeyRecords become commands, else each key is
         # a RESTORE entry built by the splitter itself.
-        rewriter = (Rewriter(self.plan, task_id=spec.task_id, source=self.name,
+        rewriter = (Rewriter(self.plan, spec, self.progress, source=self.name,
                              chunk_bytes=self.chunk_bytes,
                              chunk_elements=self.chunk_elements)
                     if self.plan.rewrite else None)

@@ -13,8 +13,9 @@ With existing_keys skip a non-string value is built in a temporary key and moved
 RENAMENX, as a big key is (readers/bigkey.py), so the target's key wins. Values over the
 readers' big-value threshold already arrive decoded and go down that chunked path.
 
-A value of the source's own making that no command rebuilds (a module type, a hash with
-field TTLs) stops the task with FatalTaskError naming the key, never silently dropped.
+A value that no command rebuilds (a module type, a hash with field TTLs) stops the task
+with FatalTaskError naming the key; with ``modules: skip`` a module value is left out,
+counted in keys_skipped and listed in the task view (``progress.snapshot.not_written``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from __future__ import annotations
 from ..compat import WritePlan
 from ..entry import COMMAND, Entry
 from ..errors import FatalTaskError
-from ..rdbvalue import ValueNotRewritable, decode_payload
+from ..progress import Progress
+from ..rdbvalue import ModuleValue, ValueNotRewritable, decode_payload
+from ..spec import TaskSpec
 from .bigkey import CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 
 
 class Rewriter:
     """Turn one key's DUMP payload into COMMAND entries (see the module docstring)."""
 
-    def __init__(self, plan: WritePlan, *, task_id: str, source: str,
+    def __init__(self, plan: WritePlan, spec: TaskSpec, progress: Progress, *, source: str,
                  chunk_bytes: int = CHUNK_BYTES, chunk_elements: int = CHUNK_ELEMENTS) -> None:
         self.plan = plan
-        self.task_id = task_id
+        self.task_id = spec.task_id
+        self.skip_modules = spec.modules == "skip"
+        self.progress = progress
         self.source = source
         self.chunk_bytes = chunk_bytes
         self.chunk_elements = chunk_elements
@@ -44,6 +49,13 @@ class Rewriter:
         batch is sized by)."""
         try:
             kind, items, meta = decode_payload(payload)
+        except ModuleValue as exc:
+            if not self.skip_modules:
+                raise FatalTaskError(f"{self.source}: key {key[:80]!r} (db {db}) cannot be "
+                                     f"written with write_mode rewrite: {exc} (or set "
+                                     f"\"modules\": \"skip\" to leave such keys out)") from None
+            self.progress.not_written_key(f"db {db} key {key[:80]!r}: {exc}")
+            return 0
         except ValueNotRewritable as exc:
             raise FatalTaskError(f"{self.source}: key {key[:80]!r} (db {db}) cannot be "
                                  f"written with write_mode rewrite: {exc}") from None

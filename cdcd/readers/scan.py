@@ -181,7 +181,7 @@ class ScanSnapshot:
         self._strings = self._others = 0
         self.big_keys = 0
         self.covered = 0        # keys queued up to the last checkpoint
-        self.rewriter = (Rewriter(plan, task_id=spec.task_id, source=conn.name,
+        self.rewriter = (Rewriter(plan, spec, progress, source=conn.name,
                                   chunk_bytes=chunk_bytes,
                                   chunk_elements=chunk_elements)
                          if plan.rewrite else None)
