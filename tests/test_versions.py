@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, modu
 from cdcd.readers.rewrite import Rewriter
 from cdcd.spec import parse_spec
 
-from .compare import assert_same, fill_mixed
+from .compare import assert_same, fill_mixed, wait_same
 from .daemon import Daemon, spec
 from .load import Load
 from .servers import FLAVOURS, RedisServer, wait_for
@@ -198,6 +199,47 @@ def test_incremental_between_versions(src_flavour: str, dst_flavour: str, daemon
     t = daemon.task("inc")
     assert t["state"] == "Running"
     assert t["write_mode"]["mode"] == ("rewrite" if needs_rewrite(src, dst) else "restore")
+
+
+def test_replicated_restores_into_an_older_target_are_rewritten(daemon: Daemon,
+                                                                 servers: Servers) -> None:
+    """A RESTORE on the source (an app's DUMP/RESTORE, a MIGRATE into it) is replicated
+    with the source's payload, which the older target refuses: written as commands."""
+    src, dst = servers("redis7"), servers("redis6")
+    fill(src.client)
+    daemon.ok("create", spec(src, dst, task_id="r", reader="psync",
+                             migration_method="incremental_migration"))
+    wait_for(lambda: daemon.task("r")["phase"] == "incremental", 60, what="stream phase")
+    c = src.client()
+    for key in (b"hash:large", b"zset:small", b"stream:s", b"list:small", b"str:raw"):
+        payload = c.dump(key)
+        c.restore(b"copy:" + key, 0, payload)
+        c.restore(b"ttl:" + key, 600_000, payload)
+        c.restore(b"abs:" + key, int(time.time() * 1000) + 900_000, payload, absttl=True)
+        c.restore(b"set:small", 0, payload, replace=True)     # replaces another type
+    converge(src, dst, daemon, "r")
+    assert daemon.task("r")["state"] == "Running"
+
+
+def test_scan_reader_notifications_into_an_older_target(daemon: Daemon,
+                                                         servers: Servers) -> None:
+    """The keyspace-notification feed re-copies changed keys: as commands into 6.2."""
+    src, dst = servers("valkey8", args=["--notify-keyspace-events", "KA"]), servers("redis6")
+    fill(src.client)
+    daemon.ok("create", spec(src, dst, task_id="n", reader="scan",
+                             migration_method="incremental_migration"))
+    wait_for(lambda: daemon.task("n")["phase"] == "incremental", 60, what="stream phase")
+    c = src.client()
+    c.hset(b"hash:small", mapping={b"new": b"field"})
+    c.zadd(b"zset:small", {b"late": 9.5})
+    c.xadd(b"stream:s", {b"f": b"late"}, id=b"2-1")
+    c.set(b"str:int", b"7", px=600_000)
+    c.delete(b"list:small")
+    src.client(1).rpush(b"list:large", b"tail")
+    for db in range(3):
+        wait_same(src.client(db), dst.client(db), timeout=30)
+    t = daemon.task("n")
+    assert t["state"] == "Running" and t["write_mode"]["mode"] == "rewrite"
 
 
 def test_a_command_the_older_target_lacks_stops_the_task_naming_it(daemon: Daemon,

@@ -122,6 +122,7 @@ class PsyncReader:
         self.spec = spec
         # How the RDB's values are written: RESTORE of their payloads, or commands.
         self.plan = plan
+        self._rewriter: Rewriter | None = None    # replicated RESTOREs, when rewriting
         self.progress = progress
         self.resume = resume
         self.host = host
@@ -415,6 +416,8 @@ class PsyncReader:
         fixes = self.plan.fixes
         if self.spec.functions == "skip":
             fixes |= {b"function"}       # dropped (see _translate)
+        if self.plan.rewrite:
+            fixes |= {b"restore", b"restore-asking"}     # payloads the target refuses
         raw = trivial and not self.parse and not fixes
         start = self.offset     # offset where the current batch began
         buf = bytearray()       # with raw: the stream's bytes from ``start`` on
@@ -551,8 +554,13 @@ class PsyncReader:
     def _translate(self, args: list[bytes]) -> list[list[bytes]]:
         """The commands an older target takes for a replicated one (cdcd.compat), or a
         FatalTaskError naming the command it has no equivalent for."""
-        if self.spec.functions == "skip" and args[0].lower() == b"function":
+        name = args[0].lower()
+        if self.spec.functions == "skip" and name == b"function":
             return []
+        if name == b"restore" or name == b"restore-asking":
+            if self._rewriter is None:
+                self._rewriter = Rewriter(self.plan, self.spec, self.progress, source=self.name)
+            return self._rewriter.restore_command(self.db, args)
         assert self.plan.target is not None
         try:
             return translate(args, self.plan.target)

@@ -20,6 +20,8 @@ counted in keys_skipped and listed in the task view (``progress.snapshot.not_wri
 
 from __future__ import annotations
 
+import time
+
 from ..compat import WritePlan
 from ..entry import COMMAND, Entry
 from ..errors import FatalTaskError
@@ -67,6 +69,21 @@ class Rewriter:
         n = big.begin(out)
         n += big.add_chunk(items, out)
         return n + big.finish(max(expire_ms, 0), out, meta)
+
+    def restore_command(self, db: int, args: list[bytes]) -> list[list[bytes]]:
+        """The commands with the effect of a replicated ``RESTORE key ttl payload
+        [REPLACE] [ABSTTL] [IDLETIME s] [FREQ f]`` (a MIGRATE into the source, an app's
+        DUMP/RESTORE), for a target that refuses the payload. It ran on the source, so the
+        key was free there or REPLACE was given: on the copy it replaces. No MULTI: a
+        stream batch is one transaction of the writer's already."""
+        if len(args) < 4:
+            return [args]
+        key, ttl, payload = args[1], int(args[2]), args[3]
+        absolute = any(a.lower() == b"absttl" for a in args[4:])
+        expire = ttl if absolute else (int(time.time() * 1000) + ttl if ttl > 0 else 0)
+        out: list[Entry] = []
+        self.key(db, key, payload, expire if ttl > 0 else 0, True, out)
+        return [e[2] for e in out if e[2][0] not in (b"MULTI", b"EXEC")]
 
     def string(self, db: int, key: bytes, value: bytes, expire_ms: int, replace: bool,
                out: list[Entry]) -> int:
