@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -311,8 +312,18 @@ def test_functions_are_copied_into_a_target_that_has_them(daemon: Daemon,
             for lib in dst.client().function_list()] == [b"mylib"]
 
 
+def check_rdb(server: RedisServer, path: str) -> None:
+    """Run the server's own redis-check-rdb on a file (the server binary checks RDB files
+    when it is called by that name)."""
+    link = server.dir / "redis-check-rdb"
+    if not link.exists():
+        link.symlink_to(server.bin)
+    run = subprocess.run([str(link), path], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "RDB looks OK" in run.stdout, run.stdout[-2000:]
+
+
 def bgsave(server: RedisServer) -> str:
-    """Save the server's dataset with BGSAVE; return the file's path."""
+    """Save the server's dataset with BGSAVE, check the file; return its path."""
     c = server.client()
     assert c.info("persistence")["rdb_changes_since_last_save"] > 0
     c.bgsave()
@@ -322,7 +333,9 @@ def bgsave(server: RedisServer) -> str:
         return not info["rdb_bgsave_in_progress"] and not info["rdb_changes_since_last_save"]
     wait_for(saved, 30, what="BGSAVE")
     assert c.info("persistence")["rdb_last_bgsave_status"] == "ok"
-    return str(server.dir / "dump.rdb")
+    path = str(server.dir / "dump.rdb")
+    check_rdb(server, path)
+    return path
 
 
 @pytest.mark.parametrize(("file_flavour", "dst_flavour"),
