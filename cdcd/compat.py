@@ -103,7 +103,7 @@ def dump_refusal(source_label: str, source_rdb: int | None, target: ServerVersio
         return (f"target {target.label} refuses DUMP payloads of RDB {source_rdb} from "
                 f"{source_label} (Redis 7.4+ payloads are foreign to Valkey)")
     return (f"target {target.label} refuses DUMP payloads of RDB {source_rdb} from "
-            f"{source_label} (newer than its own)")
+            f"{source_label} (its RESTORE takes RDB {target.rdb} and older)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -232,7 +232,7 @@ def write_commands(c: "redis.Redis[bytes]") -> dict[str, int]:
                 "object", "object|encoding", "pexpiretime", "strlen", "hlen", "llen", "scard",
                 "zcard", "xlen", "keys", "randomkey", "echo", "time", "role", "psync",
                 "replconf", "sync", "acl", "acl|whoami", "acl|dryrun", "client|list", "client|kill",
-                "client|id"}
+                "client|id", "function|list"}
     for name, v in stats.items():
         cmd = name.removeprefix("cmdstat_").lower()
         if cmd not in readonly:
