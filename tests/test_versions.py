@@ -27,6 +27,7 @@ from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, modu
 from cdcd.readers.rewrite import Rewriter
 from cdcd.spec import parse_spec
 
+from .cluster import running_cluster
 from .compare import assert_same, fill_mixed, wait_same
 from .daemon import Daemon, spec
 from .load import Load
@@ -101,6 +102,20 @@ def test_rewrite_between_equal_versions_matches_restore(flavour: str, reader: st
     # written as commands: no RESTORE ran on the rewritten target
     stats = rewritten.client().info("commandstats")
     assert "cmdstat_restore" not in stats and "cmdstat_restore-asking" not in stats
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_valkey_into_an_older_redis_cluster_is_rewritten(reader: str, daemon: Daemon,
+                                                         servers: Servers) -> None:
+    """Rewritten values reach a cluster target's masters by slot (each key's MULTI block
+    goes to its master)."""
+    src = servers("valkey8")
+    fill_mixed(src.client(), big=False)
+    with running_cluster("redis6", replicas=0) as cluster:
+        tid = daemon.create(spec(src, cluster.addrs, reader=reader))
+        t = daemon.wait_state(tid, "Succeeded", timeout=90)
+        assert t["write_mode"]["mode"] == "rewrite"
+        assert_same(src.client(), cluster.client())
 
 
 def test_write_mode_restore_into_an_older_target_fails_naming_both(daemon: Daemon,
