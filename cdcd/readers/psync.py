@@ -326,11 +326,9 @@ class PsyncReader:
                             nbytes += big.add_chunk(rec.items, entries)
                         elif type(rec) is KeyRecord:
                             assert rewriter is not None
-                            nbytes += rewriter.key(rec.db, rec.key, rec.payload, rec.expire_ms,
-                                                   self.replace, entries)
-                            # The writer counts RESTOREs; a rewritten key counts once queued.
-                            self.progress.keys_done += 1
-                            self.progress.snapshot_bytes += len(rec.payload)
+                            nbytes += rewriter.snapshot_key(rec.db, rec.key, rec.rdb_type,
+                                                            rec.payload, rec.expire_ms,
+                                                            self.replace, entries)
                             if seen is not None:
                                 seen.add(key_hash(rec.db, rec.key))
                         elif isinstance(rec, FunctionRecord):

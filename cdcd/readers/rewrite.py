@@ -23,12 +23,18 @@ from __future__ import annotations
 import time
 
 from ..compat import WritePlan
-from ..entry import COMMAND, Entry
+from ..entry import COMMAND, STRINGS, Entry
 from ..errors import FatalTaskError
 from ..progress import Progress
+from ..rdb import _Corrupt, _NeedMore, _read_string
 from ..rdbvalue import ModuleValue, ValueNotRewritable, decode_payload
 from ..spec import TaskSpec
 from .bigkey import CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
+
+# Plain strings of a snapshot go to the target as one MSET per group of at most this many
+# keys / value bytes (as the scan reader's), not a SET each.
+STRINGS_KEYS = 1024
+STRINGS_BYTES = 1 << 20
 
 
 class Rewriter:
@@ -69,6 +75,31 @@ class Rewriter:
         n = big.begin(out)
         n += big.add_chunk(items, out)
         return n + big.finish(max(expire_ms, 0), out, meta)
+
+    def snapshot_key(self, db: int, key: bytes, rdb_type: int, payload: bytes, expire_ms: int,
+                     replace: bool, out: list[Entry]) -> int:
+        """A key of a snapshot, as ``key`` does, except that a plain string without a TTL
+        joins the STRINGS entry (one MSET) at the end of ``out`` (the writer counts those
+        keys); any other key is counted in keys_done once queued."""
+        if rdb_type == 0 and expire_ms <= 0:
+            try:
+                value = _read_string(payload, 1, len(payload) - 10)[0]
+            except (_NeedMore, _Corrupt, IndexError):
+                value = None        # malformed: key() says what is wrong
+            if value is not None:
+                last = out[-1] if out else None
+                if last is not None and last[0] == STRINGS and last[1] == db and \
+                        last[3] < STRINGS_KEYS and last[4] < STRINGS_BYTES:
+                    last[2].extend((key, value))
+                    out[-1] = (STRINGS, db, last[2], last[3] + 1, last[4] + len(value))
+                else:
+                    out.append((STRINGS, db, [key, value], 1, len(value)))
+                return len(key) + len(value) + 16
+        n = self.key(db, key, payload, expire_ms, replace, out)
+        # The writer counts RESTOREs and STRINGS; a key written as commands counts here.
+        self.progress.keys_done += 1
+        self.progress.snapshot_bytes += len(payload)
+        return n
 
     def restore_command(self, db: int, args: list[bytes]) -> list[list[bytes]]:
         """The commands with the effect of a replicated ``RESTORE key ttl payload
