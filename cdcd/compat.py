@@ -146,9 +146,13 @@ def choose_write_mode(asked: str, source_label: str, source_rdb: int | None,
     """Pick the write mode for ``asked`` (auto, restore, rewrite); return the plan and
     an error ("" when the task can run)."""
     refusal = dump_refusal(source_label, source_rdb, target)
+    too_old = (f"target {target.label} is older than the commands write_mode rewrite uses "
+               f"(SET ... PXAT, XGROUP CREATECONSUMER: Redis 6.2)"
+               if target.product == "redis" and target.version and target.version < (6, 2)
+               else "")
     if asked == "rewrite":
         return WritePlan(mode="rewrite", reason="asked for in the task spec",
-                         target=target), ""
+                         target=target), too_old
     if source_rdb is None or target.rdb is None:
         plan = WritePlan(mode="restore", target=target,
                          reason=f"cannot tell whether target {target.label} accepts DUMP payloads "
@@ -162,6 +166,9 @@ def choose_write_mode(asked: str, source_label: str, source_rdb: int | None,
         return WritePlan(mode="restore", reason=refusal, target=target), (
             f"{refusal}, and write_mode is restore: use write_mode auto or rewrite (values "
             f"written as commands), or a target at least as new as {source_label}")
+    if too_old:
+        return WritePlan(mode="rewrite", reason=refusal, target=target), (
+            f"{refusal}, and {too_old}: use a target of Redis 6.2 or newer")
     return WritePlan(mode="rewrite", target=target,
                      reason=f"{refusal}: values are written as commands"), ""
 

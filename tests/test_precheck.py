@@ -355,6 +355,13 @@ def test_rdb_versions_and_relaxed_valkey() -> None:
     assert forced.to_json()["message"] == "write_mode rewrite: asked for in the task spec"
     unknown = ServerVersion(product="redis", version=(), text="?", rdb=None)
     assert dump_compatibility(unknown, valkey).status == "warning"
+    # rewrite needs Redis 6.2's commands (SET ... PXAT, XGROUP CREATECONSUMER)
+    redis60 = server_version({"redis_version": "6.0.16"})
+    redis70 = server_version({"redis_version": "7.0.15"})
+    old = dump_compatibility(redis70, redis60)
+    assert old.status == "error" and "older than the commands write_mode rewrite uses" in \
+        old.message and "Redis 6.2 or newer" in old.message
+    assert dump_compatibility(redis60, redis70).status == "ok"
 
 
 async def test_backlog_too_small_for_write_rate(servers: Servers) -> None:
