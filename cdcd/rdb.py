@@ -704,7 +704,12 @@ _unpack_double = struct.Struct("<d").unpack_from
 
 def _item_zset2(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
     """Member and 8-byte little-endian double (type 5); repr() is exact and parses back."""
-    m, q = _read_string(buf, p, n)
+    b = buf[p] if p < n else 0xFF
+    if b < 0x40:  # the usual short plain member: inline
+        q = p + 1 + b
+        m = buf[p + 1:q]
+    else:
+        m, q = _read_string(buf, p, n)
     e = q + 8
     if e > n:
         raise _NeedMore(e)

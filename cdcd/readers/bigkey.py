@@ -273,7 +273,7 @@ class BigKey:
         n = 0
         for entry_id, fields in entries:
             out.append((COMMAND, self.db, [b"XADD", self.tmp, entry_id, *fields]))
-            size = sum(len(f) for f in fields) + len(entry_id)
+            size = sum(map(len, fields)) + len(entry_id)
             n += size + ITEM_COST * (len(fields) + 1) + len(self.tmp) + 16
             self.bytes += size
             self.elements += 1
