@@ -4,6 +4,8 @@ Both readers hand a key's DUMP payload (psync: cut from the RDB; scan: DUMP's re
 :class:`Rewriter` and get COMMAND entries back:
 
     SET key value [PXAT ms]                     a string (NX with existing_keys skip)
+    MSET k v k v ...                            a snapshot's strings without a TTL (the
+                                                writer's STRINGS entries, as scan sends)
     MULTI; DEL key; RPUSH|SADD|ZADD|HSET key ...; [PEXPIREAT key ms]; EXEC
                                                 any other type, existing_keys replace
     XADD key id f v ...; XSETID; XGROUP CREATE; XGROUP CREATECONSUMER; XCLAIM
