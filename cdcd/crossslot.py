@@ -193,3 +193,28 @@ def _store_keys(name: bytes, args: list[bytes]) -> tuple[int, list[int]] | str |
             return None
         return dst_at, [1]
     return None
+
+
+def slots_of(args: list[bytes]) -> list[int]:
+    """The slots whose keys a replicated command touches ([] for one without keys, or one
+    applied everywhere: FLUSHALL, FUNCTION, SCRIPT)."""
+    name = _name(args)
+    if len(args) < 2 or name in KEYLESS:
+        return []
+    at = NUMKEYS_AT.get(name)
+    if at is not None:
+        try:
+            count = int(args[at])
+        except (IndexError, ValueError):
+            return []
+        return sorted({key_slot(k) for k in args[at + 1:at + 1 + count]})
+    p = plan(args)
+    if p.kind == ONE:
+        return [p.slot]
+    if p.kind == SPLIT:
+        return [s for s, _ in p.parts]
+    if p.kind == STORE:
+        return [p.dst_slot, *(key_slot(k) for _, k in p.foreign)]
+    if p.kind in (RENAME, COPY, SMOVE, LMOVE):
+        return [p.src_slot, p.dst_slot]
+    return []

@@ -13,6 +13,7 @@ lives here.
 
 from __future__ import annotations
 
+import dataclasses
 from binascii import crc_hqx
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,14 +31,18 @@ CDCD_PREFIXES = (PREFIX, TMP_PREFIX)
 
 def parse_marker(conn: Connection, key: bytes, raw: bytes, *, data: bool = False
                  ) -> StreamPos:
-    """A marker's value: ``replid offset db``, and with ``data`` (a task's marker, not a
-    slot's) optionally where the last data command ended."""
+    """A marker's value: ``replid offset db``, then optionally, with ``data`` (a task's
+    marker) where the last data command ended, else (a slot's marker) the cluster source's
+    shard whose stream it speaks for."""
     try:
         replid, offset, db, *rest = raw.decode().split()
-        if len(rest) > int(data):
+        if len(rest) > 1:
             raise ValueError(raw)
+        if data:
+            return StreamPos(replid=replid, offset=int(offset), db=int(db),
+                             data=int(rest[0]) if rest else -1)
         return StreamPos(replid=replid, offset=int(offset), db=int(db),
-                         data=int(rest[0]) if rest else -1)
+                         shard=rest[0] if rest else "")
     except ValueError:
         raise FatalTaskError(f"{conn.name}: checkpoint key {key[:80].decode(errors='replace')}"
                              f" holds {raw[:60]!r}, not a cdcd checkpoint") from None
@@ -220,7 +225,9 @@ class SlotMarkers:
         return self.prefix + self.tags[slot] + b"}"
 
     @staticmethod
-    def value(replid: str, offset: int, db: int) -> bytes:
+    def value(replid: str, offset: int, db: int, shard: str = "") -> bytes:
+        if shard:
+            return f"{replid} {offset} {db} {shard}".encode()
         return f"{replid} {offset} {db}".encode()
 
     async def _scan(self, conn: Connection) -> AsyncIterator[list[bytes]]:
@@ -269,7 +276,8 @@ class SlotMarkers:
     @staticmethod
     def judge(marks: dict[int, StreamPos], local: StreamPos | None,
               changed: dict[str, list[int]],
-              slots: Iterable[int] | None = None) -> Verdict:
+              slots: Iterable[int] | None = None, shard: str = "",
+              moved_from: dict[int, int] | None = None) -> Verdict:
         """Compare the task's checkpoint with the slot markers; the markers win.
 
         ``changed``: masters (by name) that are not the servers the checkpoint was written
@@ -282,15 +290,29 @@ class SlotMarkers:
         - else resume from the checkpoint, or from the oldest marker of a changed master's
           slots when that is older; each slot then skips what its marker says it holds.
 
-        ``slots``: judge only these (a cluster source's shard: its slots' markers hold its
-        stream's positions).
+        ``slots``: judge only these (a cluster source's shard ``shard``: its slots' markers
+        hold its stream's positions). Slots move between a source's shards (handoff.py):
+        a marker names the shard whose stream wrote it; a slot that moved in and still has
+        its previous owner's marker holds nothing of this shard's yet; in a slot that moved
+        away (``moved_from``: slot -> fence, its events up to the fence not all checkpointed
+        yet) whose marker another shard wrote since, this shard's events up to the fence
+        are all applied (the other shard's waited for them).
         """
+        away: dict[int, int] = {}
         if slots is not None:
             mine = set(slots)
-            marks = {s: p for s, p in marks.items() if s in mine}
-            changed = {name: [s for s in ss if s in mine] for name, ss in changed.items()}
-            changed = {name: ss for name, ss in changed.items() if ss}
             missing = sorted(mine - set(marks))
+            for s, p in marks.items():
+                if s in mine:
+                    continue
+                if p.shard == shard and shard:
+                    away[s] = p.offset
+                elif moved_from and s in moved_from:
+                    away[s] = moved_from[s]
+            marks = {s: p for s, p in marks.items()
+                     if s in mine and p.shard in ("", shard)}
+            changed = {name: [s for s in ss if s in marks] for name, ss in changed.items()}
+            changed = {name: ss for name, ss in changed.items() if ss}
         else:
             missing = [s for s in range(SLOTS) if s not in marks]
         if local is None:
@@ -301,8 +323,9 @@ class SlotMarkers:
             if not marks:
                 return Verdict(resume=None)
             oldest = min(marks.values(), key=lambda p: p.offset)
-            return Verdict(resume=oldest, skip={s: p.offset for s, p in marks.items()
-                                                 if p.offset > oldest.offset})
+            skip = {s: p.offset for s, p in marks.items() if p.offset > oldest.offset}
+            skip.update((s, o) for s, o in away.items() if o > oldest.offset)
+            return Verdict(resume=dataclasses.replace(oldest, shard=""), skip=skip)
         if missing:
             return Verdict(resume=None, full=True,
                            lost=f"the target cluster has no checkpoint marker for "
@@ -318,6 +341,9 @@ class SlotMarkers:
                     resume = marks[s]
             why.append(name)
         skip = {s: p.offset for s, p in marks.items() if p.offset > resume.offset}
+        skip.update((s, o) for s, o in away.items() if o > resume.offset)
+        if resume is not local:
+            resume = dataclasses.replace(resume, shard="")
         lost = ""
         if resume is not local:
             lost = (f"target master {', '.join(why)} changed (restarted or failed over) and "

@@ -26,7 +26,7 @@ import asyncio
 import time
 from binascii import crc_hqx
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from . import crossslot as cs
@@ -87,6 +87,8 @@ class ClusterRouter:
         self.shard_slots: dict[str, list[int]] = {}
         self.streaming_shards: set[str] = set()
         self.mark_shards: set[str] = set()
+        # each shard's replay skips (its stream's offsets), swapped in per batch
+        self._skips: dict[str, tuple[dict[int, int], int]] = {}
         # marker refresh, per stream ("" unless a cluster source): (when, next slot index)
         self._refresh: dict[str, tuple[float, int]] = {"": (time.monotonic(), 0)}
         self.db_map = db_map
@@ -106,15 +108,28 @@ class ClusterRouter:
     def resume_shard(self, shard: str, skip: dict[int, int]) -> None:
         """A cluster source's shard resumes its stream: skip, per slot, what it holds."""
         self.streaming_shards.add(shard)
-        self.skip.update(skip)
-        self.skip_until = max(self.skip_until, max(skip.values(), default=-1))
+        self._skips[shard] = (dict(skip), max(skip.values(), default=-1))
 
     def restart_shard(self, shard: str) -> None:
         """A shard of a cluster source answered a full resync."""
         self.streaming_shards.discard(shard)
         self.mark_shards.add(shard)
-        for slot in self.shard_slots.get(shard, ()):
-            self.skip.pop(slot, None)
+        self._skips.pop(shard, None)
+
+    def slots_moved(self, slots: Iterable[int]) -> None:
+        """Source slots changed shards (handoff.py): out of their old shard's marker ring
+        until their new owner's events may go (``slot_settled``)."""
+        gone = set(slots)
+        for shard, ring in self.shard_slots.items():
+            if not gone.isdisjoint(ring):
+                self.shard_slots[shard] = [s for s in ring if s not in gone]
+
+    def slot_settled(self, slot: int, shard: str) -> None:
+        """A moved source slot's previous owner is queued past its fence: from now on the
+        slot's marker speaks for ``shard``'s stream."""
+        ring = self.shard_slots.get(shard)
+        if ring is not None and slot not in ring:
+            ring.append(slot)
 
     def _is_stream(self, pos: Any) -> bool:
         """Whether a batch with this checkpoint is a stream batch (routed per slot with
@@ -410,7 +425,7 @@ class ClusterRouter:
         """Set the markers of ``slots`` to ``pos`` (a snapshot's end), each on its master
         behind the snapshot's data."""
         assert self.marks is not None
-        value = self.marks.value(pos.replid, pos.offset, pos.db)
+        value = self.marks.value(pos.replid, pos.offset, pos.db, pos.shard)
         units: dict[int, list[Block]] = {}
         for slot in slots:
             blk = self._new_block(slot, [[b"SET", self.marks.key(slot), value]], multi=False)
@@ -458,6 +473,8 @@ class ClusterRouter:
         batch.keys = -(len(batch.entries) + 1)     # ops, counted when acknowledged
         self._stream_replid = pos.replid
         self._stream_shard = pos.shard
+        if pos.shard:
+            self.skip, self.skip_until = self._skips.get(pos.shard, ({}, -1))
         blocks: dict[int, list[list[bytes]]] = {}
         skipping = self.skip_until >= 0
         skip = self.skip
@@ -506,7 +523,7 @@ class ClusterRouter:
                            item: list[Any], *, refresh: bool = False) -> None:
         marks = self.marks
         assert marks is not None
-        value = marks.value(self._stream_replid, end, db)
+        value = marks.value(self._stream_replid, end, db, self._stream_shard)
         busy = self.slot_busy
         deferred = self.deferred
         units: dict[int, list[Block]] = {}
@@ -643,7 +660,8 @@ class ClusterRouter:
             return
         marks = self.marks
         assert marks is not None
-        cmds = [*cmds, [b"SET", marks.key(slot), marks.value(self._stream_replid, end, db)]]
+        value = marks.value(self._stream_replid, end, db, self._stream_shard)
+        cmds = [*cmds, [b"SET", marks.key(slot), value]]
         await self._slot_free(slot)
         blk = self._new_block(slot, cmds)
         await self.links[self._owner(slot)].send_unit([blk], [None, 1])
@@ -676,7 +694,7 @@ class ClusterRouter:
             raise FatalTaskError("FLUSHALL/FLUSHDB on a cluster source into a cluster "
                                  "target is not supported yet (it would empty other "
                                  "shards' slots); resync the task")
-        value = marks.value(self._stream_replid, end, db)
+        value = marks.value(self._stream_replid, end, db, self._stream_shard)
         per_node: dict[int, list[int]] = {}
         for slot in range(SLOTS):
             per_node.setdefault(self._owner(slot), []).append(slot)

@@ -7,12 +7,15 @@ that shard's batches), so every shard resumes on its own: a crash, a cut link or
 failover costs a partial resync of each shard, and a full resync (the backlog no longer
 has the position) is limited to the shard that needs it, its stale keys removed by slot.
 
-A shard is keyed by the first slot it serves (``"0"``, ``"5461"``...), which a failover
-keeps: the promoted replica continues its old master's stream (``replid2``), so the
-shard's checkpoint is good for it. Commands of different shards touch different slots,
-hence different keys: the streams are applied independently, each in its own order.
-Resharding the source while a task runs is not handled yet (the precheck and README say
-so).
+A shard is named by the first slot it served when the task first met it (``"0"``,
+``"5461"``...) and keeps that name: after a restart each master is matched to the shard
+whose stream it continues (its replication ID or, after a failover, ``replid2`` is the
+checkpoint's), else to the shard whose slots it holds most of. Commands of different
+shards touch different slots, hence different keys: the streams are applied
+independently, each in its own order, except where slots move between shards while the
+task runs (a resharding): there ``handoff.Handoff`` makes the next owner's events wait for
+the previous owner's. The slot map is read every second; a master new to the task (a
+failover, a master added) restarts the readers, which then match it as above.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .entry import Batch
-from .errors import EndpointError, FatalTaskError
-from .markers import SlotMarkers
+from .errors import EndpointError, TopologyChanged
+from .handoff import Handoff
+from .markers import SlotMarkers, _ranges
 from .progress import Progress
 from .readers.psync import PsyncReader, StreamPos, key_hash
 from .resp import Connection, keyspace, parse_info
 from .router import ClusterRouter
-from .topology import Shard, Topology, key_slot
+from .topology import SLOTS, Shard, Topology, key_slot
 
 if TYPE_CHECKING:
     from .task import Task
@@ -37,8 +42,79 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdcd.shards")
 
 
-def shard_key(shard: Shard) -> str:
-    return str(shard.ranges[0][0])
+async def assign_keys(task: Task, topology: Topology, ck: dict[str, Any]) -> list[str]:
+    """Name each master shard of ``topology`` (see the module's docstring)."""
+    recorded = {k: set(v) for k, v in
+                _owner_by_key(task.checkpoint.get("shard_slots")).items()}
+    for key in ck:
+        if key not in recorded and key.isdigit():
+            recorded[key] = {int(key)}       # a checkpoint from before shard_slots
+    ids: list[tuple[str, str]] = []
+    for shard in topology.shards:
+        conn = await Connection.open(*shard.master.dial, role="source", ep=task.spec.source)
+        try:
+            info = parse_info(await conn.call("INFO", "replication"))
+        finally:
+            conn.close()
+        ids.append((info.get("master_replid", ""), info.get("master_replid2", "")))
+    keys: list[str | None] = [None] * len(topology.shards)
+    taken: set[str] = set()
+    for i, (replid, replid2) in enumerate(ids):
+        for key, raw in ck.items():
+            pos = StreamPos.from_json(raw)
+            if key not in taken and pos is not None and pos.replid in (replid, replid2):
+                keys[i] = key
+                taken.add(key)
+                break
+    for i, shard in enumerate(topology.shards):
+        if keys[i] is not None:
+            continue
+        slots = _slots(shard)
+        best = max((k for k in recorded if k not in taken),
+                   key=lambda k: len(recorded[k] & slots), default=None)
+        if best is not None and recorded[best] & slots:
+            keys[i] = best
+            taken.add(best)
+    for i, shard in enumerate(topology.shards):
+        if keys[i] is None:
+            key = str(shard.ranges[0][0])
+            if key in taken or key in recorded or key in ck:
+                key = f"{key}-{shard.master.node_id[:8]}"
+            keys[i] = key
+            taken.add(key)
+    return [k for k in keys if k is not None]
+
+
+def _slots(shard: Shard) -> set[int]:
+    return {s for a, b in shard.ranges for s in range(a, b + 1)}
+
+
+def _owner_by_key(d: dict[str, str] | None) -> dict[str, list[int]]:
+    """The checkpoint's slot map (shard key -> "0-5460,...") as key -> slots."""
+    out: dict[str, list[int]] = {}
+    for key, text in (d or {}).items():
+        slots = out.setdefault(key, [])
+        for part in filter(None, str(text).split(",")):
+            a, _, b = part.partition("-")
+            slots.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def owner_list(by_key: dict[str, Any]) -> list[str]:
+    """slot -> shard key ("" for a slot no shard serves)."""
+    owner = [""] * SLOTS
+    for key, slots in by_key.items():
+        for slot in slots:
+            owner[slot] = key
+    return owner
+
+
+def owner_json(owner: list[str]) -> dict[str, str]:
+    by_key: dict[str, list[int]] = {}
+    for slot, key in enumerate(owner):
+        if key:
+            by_key.setdefault(key, []).append(slot)
+    return {k: _ranges(v) for k, v in by_key.items()}
 
 
 class FanIn:
@@ -65,8 +141,9 @@ class _Port:
             if self.fan.left == 0:
                 await self.fan.queue.put(None)
             return
-        if isinstance(batch.checkpoint, StreamPos):
-            batch.checkpoint = dataclasses.replace(batch.checkpoint, shard=self.key)
+        pos = batch.checkpoint
+        if isinstance(pos, StreamPos):
+            batch.checkpoint = dataclasses.replace(pos, shard=self.key)
         await self.fan.queue.put(batch)
 
 
@@ -87,17 +164,26 @@ class ShardState:
             self.node = healthy[0]
         self.progress = Progress()
         self.reader: PsyncReader | None = None
-        self.slots = frozenset(s for a, b in shard.ranges for s in range(a, b + 1))
+        self.slots = frozenset(_slots(shard))
         self.phase = "connecting"
+        self.handoff: Handoff | None = None
 
     def view(self) -> dict[str, Any]:
         p = self.progress
         return {"shard": self.key, "node": self.node.name, "role": self.node.role,
-                "slots": self.shard.slots_text(), "phase": self.phase,
+                "slots": _ranges(self.slots), "phase": self.phase,
                 "replid": self.reader.replid if self.reader else "",
                 "source_offset": p.source_offset, "applied_offset": p.applied_offset,
                 "lag_bytes": max(0, p.source_offset - p.applied_offset),
-                "keys_total": p.keys_total, "full_resyncs": p.full_resyncs}
+                "keys_total": p.keys_total, "full_resyncs": p.full_resyncs,
+                **self._handoff_view()}
+
+    def _handoff_view(self) -> dict[str, Any]:
+        h = self.handoff
+        if h is None:
+            return {}
+        return {"slot_handoff_waits": h.waits.get(self.key, 0),
+                "waiting_for_shard": h.waiting.get(self.key, "")}
 
 
 async def run_sharded(task: Task, topology: Topology, target: Connection,
@@ -105,20 +191,41 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
     """The psync pipeline of a task whose source is a cluster."""
     from .task import QUEUE_BATCHES, remove_stale_keys, run_pipeline, source_dbs
     spec = task.spec
-    states = {shard_key(s): ShardState(shard_key(s), s, spec.source.read_from)
-              for s in topology.shards}
-    task.shard_states = states
     ck: dict[str, Any] = task.checkpoint.setdefault("shards", {})
     forced = task.checkpoint.get("resync")
     if forced:
         ck.clear()          # every shard starts over (the shards may have changed)
-        task.checkpoint.pop("shard_resync", None)
-    for key in list(ck):
+        for name in ("shard_resync", "shard_slots", "moved"):
+            task.checkpoint.pop(name, None)
+    keys = await assign_keys(task, topology, ck)
+    states = {k: ShardState(k, s, spec.source.read_from) for k, s in zip(keys, topology.shards)}
+    task.shard_states = states
+    for key in ck:
         if key not in states:
-            raise FatalTaskError(f"the source cluster's shards changed (no master serves "
-                                 f"slot {key} as the first of its slots any more): a "
-                                 f"resharding of the source is not followed yet; resync "
-                                 f"the task")
+            log.info("task %s: source shard %s serves no slots any more: its reader is "
+                     "retired (its checkpoint is kept)", spec.task_id, key)
+    owner = owner_list({k: st.slots for k, st in states.items()})
+    before = _owner_by_key(task.checkpoint.get("shard_slots"))
+    # shards new to a task that already ran (a master added to the source): their first
+    # snapshot is not a resync (nothing of theirs was copied before)
+    fresh = {k for k in states if k not in ck and k not in before} if before else set()
+    handoff: Handoff | None = None
+    # slots moved between shards whose previous owner's stream is not applied up to the
+    # fence yet: kept in the checkpoint until it is
+    durable: dict[int, list[tuple[str, int]]] = {}
+    if spec.incremental:
+        moved = {s: [(prev, f) for prev, f in hist
+                     if prev in states and _offset(ck.get(prev)) < f]
+                 for s, hist in Handoff.moved_from_json(task.checkpoint.get("moved")).items()}
+        handoff = Handoff(owner_list(before) if before else list(owner),
+                          {k: st.shard.master.dial for k, st in states.items()},
+                          spec.source, moved)
+        await handoff.remap(owner)
+        durable = {s: list(h) for s, h in handoff.moved.items()}
+        for st in states.values():
+            st.handoff = handoff
+        task.checkpoint["shard_slots"] = owner_json(owner)
+        task.checkpoint["moved"] = handoff.to_json()
     resumes: dict[str, StreamPos | None] = {}
     shard_forced: dict[str, str] = dict(task.checkpoint.get("shard_resync") or {})
     router: ClusterRouter | None = None
@@ -129,7 +236,11 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         # markers (a slot belongs to one shard on both sides).
         router = await task._cluster_writer(replace=spec.existing_keys != "skip",
                                             marks=spec.incremental)
-        router.shard_slots = {k: sorted(st.slots) for k, st in states.items()}
+        held = handoff.moved if handoff is not None else {}
+        router.shard_slots = {k: sorted(s for s in st.slots if s not in held)
+                              for k, st in states.items()}
+        if handoff is not None:
+            handoff.settled = router.slot_settled
         if spec.incremental:
             marks, changed = await task.cluster_marks(router)
     for key, st in states.items():
@@ -137,7 +248,10 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         resume = None
         if spec.incremental and not forced:
             if router is not None:
-                verdict = SlotMarkers.judge(marks, local, changed, slots=st.slots)
+                verdict = SlotMarkers.judge(
+                    marks, local, changed, slots=st.slots, shard=key,
+                    moved_from={s: max(f for prev, f in h if prev == key)
+                                for s, h in durable.items() if any(p == key for p, _ in h)})
             else:
                 verdict = await task.markers.judge(target, local, key)
             if verdict.lost:
@@ -170,7 +284,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
 
     def make_reader(key: str, st: ShardState) -> PsyncReader:
         resume = resumes[key]
-        redo = bool(forced) or restarted or key in shard_forced
+        redo = bool(forced) or (restarted and key not in fresh) or key in shard_forced
 
         def on_full_sync(replid: str, offset: int) -> None:
             if redo or resume is not None:
@@ -222,8 +336,10 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         reader = PsyncReader(spec, st.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=redo,
                              on_full_sync=on_full_sync, on_stream=on_stream,
-                             after_rdb=after_rdb, parse=router is not None)
+                             after_rdb=after_rdb,
+                             parse=router is not None or handoff is not None)
         reader.name = f"source shard {st.node.name} (slots {st.shard.slots_text()})"
+        reader.gate, reader.shard = handoff, key
         st.reader = reader
         return reader
 
@@ -245,6 +361,13 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         st.progress.applied_offset = pos.offset
         st.progress.source_offset = max(st.progress.source_offset, pos.offset)
         ck[pos.shard] = pos.to_json()
+        if durable and any(p == pos.shard and pos.offset >= f
+                           for h in durable.values() for p, f in h):
+            for slot, h in list(durable.items()):
+                h[:] = [(p, f) for p, f in h if p != pos.shard or pos.offset < f]
+                if not h:
+                    del durable[slot]
+            task.checkpoint["moved"] = _moved_json(durable)
         task._dirty = True
         _aggregate(task, states)
 
@@ -252,12 +375,48 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         async with asyncio.TaskGroup() as tg:
             for key, st in states.items():
                 assert st.reader is not None
-                tg.create_task(st.reader.run(fan.port(key)))  # type: ignore[arg-type]
+                port = fan.port(key)
+                if handoff is None:
+                    tg.create_task(st.reader.run(port))  # type: ignore[arg-type]
+                    continue
+                # slots may move between shards: each reader's batches pass its gate
+                gate = handoff.gate(key, port.put)
+                tg.create_task(gate.run())
+                tg.create_task(st.reader.run(gate))  # type: ignore[arg-type]
 
     task.set_phase("snapshot" if any(r is None for r in resumes.values()) else
                    "incremental")
-    await run_pipeline(read_all(), writer.run(queue, ack), task._checkpointer(),
-                       _poll(task, states), task._watch_target(), *task._verifier())
+    async def follow(conn: Connection) -> None:
+        """The source's slot map, read every second: slots moved between shards get their
+        fences (incremental) or the snapshot is copied again (a full migration, whose
+        shards' RDBs were taken at different times)."""
+        now = await _read_owner(conn, states)
+        if handoff is None:
+            if now != owner:
+                moved = [s for s in range(SLOTS) if now[s] != owner[s]]
+                raise EndpointError(f"the source was resharded while its snapshot was read "
+                                    f"(slots {_ranges(moved)[:100]} moved): copying again")
+            return
+        handoff.tick()
+        if now == handoff.owner:
+            return
+        if router is not None:      # (back in a marker ring once settled)
+            router.slots_moved(s for s in range(SLOTS) if now[s] != handoff.owner[s])
+        for slot, step in (await handoff.remap(now)).items():
+            durable.setdefault(slot, []).append(step)
+        for key, st in states.items():
+            st.slots = frozenset(s for s in range(SLOTS) if now[s] == key)
+        task.checkpoint["shard_slots"] = owner_json(now)
+        task.checkpoint["moved"] = _moved_json(durable)
+        task._dirty = True
+
+    try:
+        await run_pipeline(read_all(), writer.run(queue, ack), task._checkpointer(),
+                           _poll(task, states, follow), task._watch_target(),
+                           *task._verifier())
+    finally:
+        if handoff is not None:
+            handoff.close()
     task.progress.snapshot_done = True
     await task.persist()
 
@@ -274,7 +433,8 @@ def _aggregate(task: Task, states: dict[str, ShardState]) -> None:
         p.keys_total = max(p.keys_total, total)
 
 
-async def _poll(task: Task, states: dict[str, ShardState]) -> None:
+async def _poll(task: Task, states: dict[str, ShardState],
+                follow: Callable[[Connection], Awaitable[None]]) -> None:
     """Every second: each shard master's offset (lag counts what is not read yet)."""
     conns: dict[str, Connection] = {}
     try:
@@ -282,7 +442,6 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
             conns[key] = await Connection.open(*st.node.dial, role="source",
                                                ep=task.spec.source)
         first = True
-        rounds = 0
         while True:
             for key, conn in conns.items():
                 st = states[key]
@@ -298,9 +457,7 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
                                                  if task.spec.filter.db_ok(db))
             first = False
             _aggregate(task, states)
-            if rounds % RESHARD_CHECK_EVERY == 0:
-                await _check_shape(task, next(iter(conns.values())), states)
-            rounds += 1
+            await follow(next(iter(conns.values())))
             await asyncio.sleep(1.0)
     except EndpointError as exc:
         raise EndpointError(f"{exc.message} (source shard poll)") from None
@@ -309,33 +466,38 @@ async def _poll(task: Task, states: dict[str, ShardState]) -> None:
             conn.close()
 
 
-RESHARD_CHECK_EVERY = 2     # seconds between looks at the source's slot map
+def _moved_json(moved: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
+    return {str(s): [list(step) for step in h] for s, h in moved.items() if h}
 
 
-async def _check_shape(task: Task, conn: Connection, states: dict[str, ShardState]) -> None:
-    """Stop the task when the source is being resharded: a key MIGRATEd between shards is
-    a DEL in one stream and a RESTORE in another, applied independently; without
-    ordering them (not done yet) the target could lose it. Said, never silently."""
+def _offset(raw: dict[str, Any] | None) -> int:
+    pos = StreamPos.from_json(raw)
+    return -1 if pos is None else pos.offset
+
+
+async def _read_owner(conn: Connection, states: dict[str, ShardState]) -> list[str]:
+    """The source's slot map by shard key (CLUSTER NODES: every version, one call). A
+    master new to the task serving slots (a replica promoted, a master added) restarts the
+    readers: they then match each master to its shard (``assign_keys``)."""
     raw = await conn.call("CLUSTER", "NODES")
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    owned: dict[str, set[int]] = {}
+    key_of = {st.shard.master.node_id: key for key, st in states.items()}
+    owner = [""] * SLOTS
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) < 8 or "master" not in parts[2]:
+        if len(parts) < 9 or "master" not in parts[2]:
             continue
-        for field in parts[8:]:
-            if field.startswith("["):
-                raise FatalTaskError(
-                    f"the source cluster is being resharded (slot migration {field} seen in "
-                    f"CLUSTER NODES): following a resharding of the source is not supported "
-                    f"yet, and its keys could be lost on the target; resync the task once "
-                    f"the resharding is done")
+        ranges = [f for f in parts[8:] if not f.startswith("[")]
+        if not ranges:
+            continue
+        key = key_of.get(parts[0])
+        if key is None:
+            raise TopologyChanged(f"source master {parts[1].split('@')[0]} serves slots "
+                                  f"{','.join(ranges)[:80]} and is new to the task (a "
+                                  f"failover, or a master added): the shards' readers "
+                                  f"start again from their checkpoints")
+        for field in ranges:
             a, _, b = field.partition("-")
-            if a.isdigit():
-                owned.setdefault(parts[0], set()).update(range(int(a), int(b or a) + 1))
-    for st in states.values():
-        if not any(st.slots <= slots for slots in owned.values()):
-            raise FatalTaskError(
-                f"the source cluster's slots moved (shard {st.shard.master.name}, slots "
-                f"{st.shard.slots_text()}, is no longer served by one master): following a "
-                f"resharding of the source is not supported yet; resync the task")
+            for slot in range(int(a), int(b or a) + 1):
+                owner[slot] = key
+    return owner

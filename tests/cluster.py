@@ -191,6 +191,20 @@ class Cluster:
         raise LookupError(f"no node serves slot {slot}")
 
 
+    def add_master(self) -> RedisServer:
+        """Start one more node, empty, and have it join the cluster as a master without
+        slots (as ``redis-cli --cluster add-node`` does)."""
+        node = RedisServer(self.flavour, args=self._node_args(len(self.nodes)))
+        node.port = free_cluster_port()
+        node.start()
+        self.nodes.insert(self.n_masters, node)
+        self.n_masters += 1
+        bus = [node.port + 10000] if self.flavour != "redis6" else []
+        self.nodes[0].client().execute_command("CLUSTER", "MEET", "127.0.0.1", node.port, *bus)
+        wait_for(lambda: all(len(self._known(n)) == len(self.nodes) for n in self.nodes), 30,
+                 what="every node meeting the new master")
+        return node
+
     def node_id(self, node: RedisServer) -> str:
         raw = node.client().execute_command("CLUSTER", "MYID")
         return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hiredis
 
@@ -35,9 +35,13 @@ from ..rdb import (
 )
 from ..resp import Connection, ServerReplyError, encode
 from ..spec import TaskSpec
+from ..topology import key_slot
 from .bigkey import BIG_VALUE_BYTES, CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 from .keys import CommandFilter
 from .rewrite import Rewriter
+
+if TYPE_CHECKING:
+    from ..handoff import Handoff
 
 log = logging.getLogger("cdcd.reader.psync")
 
@@ -144,6 +148,11 @@ class PsyncReader:
         self.replace = spec.existing_keys != "skip"
         self.timeout = float(spec.link_timeout_s)
         self.name = f"source {host}:{port}"
+        # A cluster source resharded while it runs (handoff.py): asked before each command
+        # and RDB record of this shard (``shard``) whose slot moved lately.
+        self.gate: Handoff | None = None
+        self.shard = ""
+        self.read_at = 0.0        # when the last bytes were read (monotonic)
         self.replid = ""
         self.offset = 0           # offset of the last byte consumed from the stream
         self.data_offset = -1     # where the last command that may change data ended
@@ -253,6 +262,7 @@ class PsyncReader:
         # The master PINGs every repl-ping-replica-period (10 s): silence for longer than
         # link_timeout_s (like the master's own repl-timeout) means a dead link.
         timeout = max(self.timeout, STREAM_MIN_TIMEOUT)
+        self.read_at = time.monotonic()
         data = await self._io(conn.reader.read(n), timeout,
                               f"no data for {timeout:g}s (link dead or source stuck)")
         if not data:
@@ -275,6 +285,8 @@ class PsyncReader:
         self.progress.status = "receiving the source's RDB"
         spec = self.spec
         flt = spec.filter
+        gate = self.gate
+        held = False            # the record just read is held (handoff.py)
         want = None
         if flt.by_key or flt.dbs is not None:
             def want(db: int, key: bytes) -> bool:
@@ -316,6 +328,15 @@ class PsyncReader:
                 records: list[Any] = splitter.feed(data)
                 while True:
                     for rec in records:
+                        if gate is not None and type(rec) is not BigValueChunk:
+                            key = rec[2] if type(rec) is tuple else getattr(rec, "key", None)
+                            if key is not None and \
+                                    not gate.clear(self.shard, key_slot(key), self.offset):
+                                # a key in a slot moving between shards: held (handoff.py)
+                                if entries:
+                                    await out.put(Batch(entries, None, nbytes, len(entries)))
+                                    entries, nbytes = [], 0
+                                held = True
                         if type(rec) is tuple:     # (RESTORE, db, key, expire_ms, payload)
                             entries.append(rec)
                             nbytes += len(rec[4])
@@ -354,6 +375,11 @@ class PsyncReader:
                             # in the writer's MULTI, and the tail may hold a MULTI of its own.
                             await out.put(Batch(entries, None, nbytes, len(entries)))
                             entries, nbytes, big = [], 0, None
+                        if held:
+                            # the held key alone, so that what follows is not held with it
+                            await out.put(Batch(entries, None, nbytes, len(entries)),  # type: ignore[call-arg]
+                                          True, self.read_at)
+                            entries, nbytes, held = [], 0, False
                     if len(entries) >= BATCH_ENTRIES or nbytes >= BATCH_BYTES:
                         await out.put(Batch(entries, None, nbytes, len(entries)))
                         entries, nbytes = [], 0
@@ -432,6 +458,9 @@ class PsyncReader:
         ops = 0
         start_db = self.db
         in_multi: list[Entry] | None = None
+        multi_at = multi_data = 0       # where a MULTI began, data_end before it
+        multi_held = False              # a command of the MULTI waits (handoff.py)
+        gate = self.gate
         data_end = self.data_offset
         flt = self.filter
         beat = self.heartbeat_channel
@@ -490,8 +519,22 @@ class PsyncReader:
                     self.getack = True   # answer again once the target has caught up
             elif name == b"multi":
                 in_multi = []
+                multi_at, multi_data, multi_held = begin, data_end, False
                 data_end = offset
             elif name == b"exec":
+                if in_multi is not None and multi_held:
+                    # The transaction is held (handoff.py): what comes before it goes on,
+                    # in a batch of its own; the transaction is a batch of its own.
+                    if multi_at != start:
+                        self.offset = start = multi_at
+                        self.data_offset = multi_data
+                        await self._emit(out, entries)
+                        entries = []
+                    self.offset = start = offset
+                    self.data_offset = data_end = offset
+                    await self._emit(out, in_multi, held=True)
+                    in_multi = None
+                    continue
                 data_end = offset
                 if in_multi is not None:
                     entries.extend(in_multi)
@@ -508,6 +551,21 @@ class PsyncReader:
                         span = offset
                 continue
             else:
+                held = False
+                if gate is not None and not gate.clear_command(self.shard, args, offset):
+                    if in_multi is not None:
+                        multi_held = True
+                    else:
+                        # A slot moving between shards: this command is held (handoff.py),
+                        # in a batch of its own; the events before it go on.
+                        held = True
+                        if begin != start:
+                            self.offset = start = begin
+                            self.data_offset = data_end
+                            await self._emit(out, entries)
+                            entries = []
+                if name == b"restore-asking":
+                    args = [b"RESTORE", *args[1:]]    # (a MIGRATE's copy, applied anywhere)
                 if name != b"publish":
                     data_end = offset
                 if name == b"eval" or name == b"evalsha" or name == b"script":
@@ -519,11 +577,11 @@ class PsyncReader:
                     else:
                         for db, cmd in flt.apply(self.db, args):
                             target.append((COMMAND, db, cmd, offset))
-                if in_multi is None and (len(entries) >= BATCH_ENTRIES or
+                if in_multi is None and (held or len(entries) >= BATCH_ENTRIES or
                                          offset - start >= BATCH_BYTES):
                     self.offset = start = offset
                     self.data_offset = data_end
-                    await self._emit(out, entries)
+                    await self._emit(out, entries, held)
                     entries = []
                 continue
             # A command cdcd consumes itself: the raw run of forwarded bytes ends before it.
@@ -542,11 +600,15 @@ class PsyncReader:
                     for p in pieces if not isinstance(p, tuple) or p[0] < p[1]]
         return [(RAW, db, segments, replies, ops, end_db)]
 
-    async def _emit(self, out: asyncio.Queue[Batch | None], entries: list[Entry]) -> None:
+    async def _emit(self, out: asyncio.Queue[Batch | None], entries: list[Entry],
+                    held: bool = False) -> None:
         pos = StreamPos(replid=self.replid, offset=self.offset, db=self.db,
                         data=self.data_offset)
         self.pending.append((self.offset, time.monotonic()))
-        await out.put(Batch(entries, pos, 0, 0))
+        if held:    # (out is the shard's ShardGate: handoff.py)
+            await out.put(Batch(entries, pos, 0, 0), True, self.read_at)  # type: ignore[call-arg]
+        else:
+            await out.put(Batch(entries, pos, 0, 0))
         await asyncio.sleep(0)   # let the API and other tasks in between batches
 
     def _translate(self, args: list[bytes]) -> list[list[bytes]]:
