@@ -341,3 +341,20 @@ def test_daemon_killed_during_a_three_shard_snapshot(servers: Any, daemon: Daemo
              max_ops=2000).run_all()
         caught_up(daemon, "snap", cluster)
         exact(cluster, dst)
+
+
+def test_flushall_on_a_source_shard_stops_the_task(servers: Any, daemon: Daemon) -> None:
+    """FLUSHALL on one source master empties only its slots; applied on a standalone
+    target it would empty every shard's keys: the task stops, saying so, and the target
+    keeps the other shards' keys."""
+    dst = servers()
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", inc_spec(cluster, dst, task_id="fl"))
+        wait_for(lambda: daemon.task("fl")["phase"] == "incremental", 60, what="streaming")
+        caught_up(daemon, "fl", cluster)
+        held = dst.client().dbsize()
+        cluster.masters[0].client().flushall()
+        view = daemon.wait_state("fl", "Failed", timeout=30)
+        assert "FLUSHALL on one shard" in view["reason"], view["reason"]
+        assert dst.client().dbsize() == held

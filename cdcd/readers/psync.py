@@ -551,6 +551,12 @@ class PsyncReader:
                         span = offset
                 continue
             else:
+                if self.shard and (name == b"flushall" or name == b"flushdb"):
+                    raise FatalTaskError(
+                        f"{self.name}: {name.decode().upper()} on one shard of the source "
+                        f"cluster: applied on the target it would also empty the other "
+                        f"shards' keys, and cdcd does not yet empty one shard's slots alone; "
+                        f"resync the task to copy the source again")
                 held = False
                 if gate is not None and not gate.clear_command(self.shard, args, offset):
                     if in_multi is not None:
