@@ -358,3 +358,27 @@ def test_flushall_on_a_source_shard_stops_the_task(servers: Any, daemon: Daemon)
         view = daemon.wait_state("fl", "Failed", timeout=30)
         assert "FLUSHALL on one shard" in view["reason"], view["reason"]
         assert dst.client().dbsize() == held
+
+
+def test_full_copy_of_a_cluster_resharded_meanwhile(servers: Any, daemon: Daemon) -> None:
+    """Slots moving while the shards' snapshots are read (each taken at its own moment):
+    the copy starts again, and ends equal to the source."""
+    dst = servers()
+    with running_cluster("redis7", replicas=0) as cluster:
+        c = cluster.client()
+        fill_cluster(c, 1000)
+        pipe = c.pipeline(transaction=False)
+        for i in range(3000):
+            pipe.set(f"pad:{i}", os.urandom(1000))
+        pipe.execute()
+        daemon.ok("create", {"task_id": "fr", "source": {"addrs": cluster.addrs},
+                             "target": {"addrs": dst.addr}, "bandwidth_limit_mb": 1,
+                             "migration_method": "full_amount_migration"})
+        wait_for(lambda: daemon.task("fr")["progress"]["snapshot"]["keys_done"] > 100, 60,
+                 what="the snapshot under way")
+        cluster.move_slots(cluster.masters[0], cluster.masters[1], range(0, 200))
+        wait_for(lambda: "resharded while its snapshot was read" in daemon.log.read_text(),
+                 30, 0.1, what="the resharding seen")
+        daemon.ok("update", {"task_id": "fr", "bandwidth_limit_mb": 10240})
+        daemon.wait_state("fr", "Succeeded", timeout=90)
+        assert_same(cluster.client(), dst.client())
