@@ -368,15 +368,16 @@ def test_full_copy_of_a_cluster_resharded_meanwhile(servers: Any, daemon: Daemon
         c = cluster.client()
         fill_cluster(c, 1000)
         pipe = c.pipeline(transaction=False)
-        for i in range(3000):
+        for i in range(8000):
             pipe.set(f"pad:{i}", os.urandom(1000))
         pipe.execute()
         daemon.ok("create", {"task_id": "fr", "source": {"addrs": cluster.addrs},
                              "target": {"addrs": dst.addr}, "bandwidth_limit_mb": 1,
                              "migration_method": "full_amount_migration"})
-        wait_for(lambda: daemon.task("fr")["progress"]["snapshot"]["keys_done"] > 100, 60,
+        wait_for(lambda: daemon.task("fr")["phase"] == "snapshot", 60,
                  what="the snapshot under way")
         cluster.move_slots(cluster.masters[0], cluster.masters[1], range(0, 200))
+        assert daemon.task("fr")["state"] == "Running"
         wait_for(lambda: "resharded while its snapshot was read" in daemon.log.read_text(),
                  30, 0.1, what="the resharding seen")
         daemon.ok("update", {"task_id": "fr", "bandwidth_limit_mb": 10240})
