@@ -791,10 +791,11 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
     """A Redis Cluster source: read with one psync link per master (or a replica of
     each); every node read reachable after host mapping."""
     name = "source.topology"
-    if spec.reader == "scan":
+    if spec.reader == "scan" and spec.incremental:
         return Check(name=name, status="error",
-                     message=f"{src.name} is a Redis Cluster: a cluster source is read with "
-                             f"the psync reader only (reader scan: not supported yet)")
+                     message=f"{src.name} is a Redis Cluster: its changes are followed with "
+                             f"the psync reader only (the scan reader copies a cluster with "
+                             f"full_amount_migration, but does not follow it yet)")
     try:
         topo = await _reachable_cluster(spec.source, "source")
     except CdcdError as exc:
@@ -802,6 +803,10 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
     if topo.uncovered():
         return Check(name=name, status="error",
                      message=f"{src.name} (Redis Cluster): {_uncovered(topo)}")
+    if spec.source.read_from == "replica" and spec.reader == "scan":
+        return Check(name=name, status="error",
+                     message="read_from: replica is for the psync reader (the scan reader "
+                             "reads each cluster master)")
     if spec.source.read_from == "replica":
         bare = [s.master.name for s in topo.shards if not any(r.healthy for r in s.replicas)]
         if bare:
@@ -820,9 +825,9 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
                      message=f"Redis Cluster of {len(topo.masters)} masters, one psync link "
                              f"each to a replica: {shards}")
     shards = "; ".join(f"{s.master.name} slots {s.slots_text()}" for s in topo.shards)
+    how = "one SCAN reader" if spec.reader == "scan" else "one psync link"
     return Check(name=name, status="ok",
-                 message=f"Redis Cluster of {len(topo.masters)} masters, one psync link "
-                         f"each: {shards}")
+                 message=f"Redis Cluster of {len(topo.masters)} masters, {how} each: {shards}")
 
 
 async def _topology_check(side: _Side) -> Check:

@@ -501,3 +501,78 @@ async def _read_owner(conn: Connection, states: dict[str, ShardState]) -> list[s
             for slot in range(int(a), int(b or a) + 1):
                 owner[slot] = key
     return owner
+
+
+async def run_sharded_scan(task: Task, topology: Topology, target: Connection) -> None:
+    """A full copy of a cluster source with the scan reader (a source that refuses PSYNC,
+    as managed services do): one SCAN + DUMP reader per master, each resuming from its own
+    cursor (``checkpoint["scan_shards"]``), all feeding the one writer. Slots that move
+    while the masters are scanned could carry keys behind a cursor: the copy starts again
+    (its writes are idempotent)."""
+    from .readers.scan import ScanSnapshot
+    from .task import QUEUE_BATCHES, run_pipeline
+    spec = task.spec
+    ck: dict[str, Any] = task.checkpoint.setdefault("scan_shards", {})
+    if task.checkpoint.get("resync"):
+        ck.clear()
+    states = {str(s.ranges[0][0]): ShardState(str(s.ranges[0][0]), s) for s in topology.shards}
+    task.shard_states = states
+    if set(ck) - set(states):
+        ck.clear()          # the masters changed since: every shard is scanned again
+    owner = owner_list({k: st.slots for k, st in states.items()})
+    queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
+    fan = FanIn(queue, len(states))
+    writer = await task._writer(target, replace=task._replace(bool(
+        task.checkpoint.get("resync"))))
+    conns: list[Connection] = []
+
+    class _Tag:
+        """A shard's port: its cursor checkpoints tagged with the shard."""
+
+        def __init__(self, key: str) -> None:
+            self.key = key
+            self.port = fan.port(key)
+
+        async def put(self, batch: Batch | None) -> None:
+            if batch is not None and batch.checkpoint is not None:
+                batch.checkpoint = (self.key, batch.checkpoint)
+            await self.port.put(batch)
+
+    async def ack(batch: Batch) -> None:
+        if isinstance(batch.checkpoint, tuple):
+            key, cursor = batch.checkpoint
+            ck[key] = cursor
+            task._dirty = True
+            task.healthy()
+        _aggregate(task, states)
+
+    async def read_all() -> None:
+        async with asyncio.TaskGroup() as tg:
+            for key, st in states.items():
+                conn = await Connection.open(*st.node.dial, role="source", ep=spec.source)
+                conns.append(conn)
+                st.phase = "snapshot"
+                scan = ScanSnapshot(conn, spec, st.progress, ck.get(key), plan=task.plan)
+                scan.replace = writer.replace
+                tg.create_task(scan.run(_Tag(key)))  # type: ignore[arg-type]
+
+    async def follow(conn: Connection) -> None:
+        now = await _read_owner(conn, states)
+        if now != owner:
+            ck.clear()
+            moved = [s for s in range(SLOTS) if now[s] != owner[s]]
+            raise EndpointError(f"the source was resharded while its masters were scanned "
+                                f"(slots {_ranges(moved)[:100]} moved): copying again")
+
+    task.set_phase("snapshot")
+    try:
+        await run_pipeline(read_all(), writer.run(queue, ack), task._checkpointer(),
+                           _poll(task, states, follow), task._watch_target())
+    finally:
+        for conn in conns:
+            conn.close()
+    for st in states.values():
+        st.phase = "done"
+    task.progress.snapshot_done = True
+    task.checkpoint.pop("resync", None)
+    await task.persist()

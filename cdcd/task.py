@@ -360,11 +360,7 @@ class Task:
             self.progress.reader = reader
             source_topology = await self._source_topology(source)
             if source_topology is not None:
-                if reader != "psync":
-                    raise FatalTaskError("a Redis Cluster source is read with the psync "
-                                         "reader only (reader scan: not supported yet)")
-                from .shards import run_sharded
-                await run_sharded(self, source_topology, target, restarted)
+                await self._run_cluster_source(source_topology, target, restarted)
                 reader = ""
             if reader == "psync":
                 try:
@@ -392,6 +388,30 @@ class Task:
             target.close()
             while self._closers:
                 self._closers.pop()()
+
+    async def _run_cluster_source(self, topology: Topology, target: Connection,
+                                  restarted: bool) -> None:
+        """A Redis Cluster source: a psync link per master; a full copy with SCAN where
+        asked (``reader: scan``) or where the masters refuse PSYNC (``reader: auto``)."""
+        from .shards import run_sharded, run_sharded_scan
+        spec = self.spec
+        if self.progress.reader == "psync":
+            try:
+                await run_sharded(self, topology, target, restarted)
+                return
+            except PsyncRefused as exc:
+                if spec.reader != "auto" or self.checkpoint.get("shards"):
+                    raise
+                log.warning("task %s: falling back to the scan reader: %s", spec.task_id,
+                            exc.message)
+                self.progress.reader = "scan"
+                self.fallback = f"reader auto fell back to scan: {exc.message}"
+                self.note = self.fallback
+        if spec.incremental:
+            raise FatalTaskError("a Redis Cluster source is followed with the psync reader "
+                                 "only: the scan reader copies it (full_amount_migration) "
+                                 "but does not follow its changes yet")
+        await run_sharded_scan(self, topology, target)
 
     async def _plan_writes(self, source: Connection, target: Connection) -> None:
         """Choose how values are written (write_mode auto: RESTORE where the target

@@ -149,6 +149,36 @@ def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
         assert "psync reader only" in view["reason"], view["reason"]
 
 
+@pytest.mark.parametrize("flavour", ["redis7", "valkey8"])
+def test_full_copy_of_a_cluster_with_the_scan_reader(flavour: str, servers: Any,
+                                                    daemon: Daemon) -> None:
+    """A cluster whose masters refuse PSYNC (managed services): reader scan copies it
+    with one SCAN + DUMP reader per master; a daemon kill -9 half way resumes each
+    master's scan from its cursor."""
+    dst = servers(flavour)
+    with running_cluster(flavour, replicas=0) as cluster:
+        c = cluster.client()
+        fill_cluster(c, 3000)
+        pipe = c.pipeline(transaction=False)
+        for i in range(3000):
+            pipe.set(f"pad:{i}", os.urandom(1000))
+        pipe.execute()
+        daemon.ok("create", {"task_id": "sc", "source": {"addrs": cluster.addrs},
+                             "target": {"addrs": dst.addr}, "reader": "scan",
+                             "bandwidth_limit_mb": 1,
+                             "migration_method": "full_amount_migration"})
+        wait_for(lambda: daemon.task("sc")["progress"]["snapshot"]["keys_done"] > 200, 60,
+                 what="the scan under way")
+        daemon.kill()
+        daemon.start()
+        daemon.ok("update", {"task_id": "sc", "bandwidth_limit_mb": 10240})
+        view = daemon.wait_state("sc", "Succeeded", timeout=90)
+        assert_same(cluster.client(), dst.client())
+        assert len(view["progress"]["shards"]) == 3
+        checks = {c["name"]: c for c in view["prechecks"]}
+        assert "one SCAN reader each" in checks["source.topology"]["message"]
+
+
 def test_read_from_replicas_keeps_the_masters_free(servers: Any, daemon: Daemon) -> None:
     dst = servers()
     with running_cluster("redis7", replicas=1, args=BACKLOG) as cluster:
@@ -383,3 +413,18 @@ def test_full_copy_of_a_cluster_resharded_meanwhile(servers: Any, daemon: Daemon
         daemon.ok("update", {"task_id": "fr", "bandwidth_limit_mb": 10240})
         daemon.wait_state("fr", "Succeeded", timeout=90)
         assert_same(cluster.client(), dst.client())
+
+
+def test_a_cluster_refusing_psync_is_copied_with_scan(servers: Any, daemon: Daemon) -> None:
+    """reader auto: the masters refuse PSYNC (renamed away, as on managed services), so a
+    full copy falls back to one SCAN reader per master, and says so."""
+    dst = servers()
+    with running_cluster("redis7", replicas=0,
+                         args=["--rename-command", "PSYNC", ""]) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", {"task_id": "auto", "source": {"addrs": cluster.addrs},
+                             "target": {"addrs": dst.addr}, "reader": "auto",
+                             "migration_method": "full_amount_migration"})
+        view = daemon.wait_state("auto", "Succeeded", timeout=90)
+        assert_same(cluster.client(), dst.client())
+        assert "fell back to scan" in view["reason"], view["reason"]
