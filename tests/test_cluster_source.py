@@ -215,14 +215,15 @@ def reshard(cluster: Any, on_slot: Any = None) -> int:
     return moved
 
 
-def test_resharding_the_source_under_load_with_a_daemon_kill(servers: Any,
+@pytest.mark.parametrize("flavour", ["redis7", "redis6"])
+def test_resharding_the_source_under_load_with_a_daemon_kill(flavour: str, servers: Any,
                                                               daemon: Daemon) -> None:
     """Slots migrate between source masters (MIGRATE: a RESTORE in one shard's stream, a
     DEL in another's) while counters and lists are written, some of them during their
     slot's migration, and the daemon is killed half way: the target stays exact, no
     shard copies its snapshot again."""
-    dst = servers()
-    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+    dst = servers(flavour)
+    with running_cluster(flavour, replicas=0, args=BACKLOG) as cluster:
         fill_cluster(cluster.client(), 2000)
         daemon.ok("create", inc_spec(cluster, dst, task_id="rs"))
         wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="streaming")
