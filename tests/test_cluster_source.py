@@ -21,8 +21,11 @@ pytestmark = pytest.mark.timeout(240)
 BACKLOG = ["--repl-backlog-size", "256mb"]
 
 
-def fill_cluster(c: Any, n: int = 3000) -> None:
+def fill_cluster(c: Any, n: int = 3000, pad: int = 0) -> None:
+    """``n`` keys of every type, and ``pad`` strings of 1 kB (a snapshot that lasts)."""
     pipe = c.pipeline(transaction=False)
+    for i in range(pad):
+        pipe.set(f"pad:{i}", os.urandom(1000))
     for i in range(n):
         pipe.set(f"k:{i}", os.urandom(20))
         if i % 10 == 0:
@@ -157,12 +160,7 @@ def test_full_copy_of_a_cluster_with_the_scan_reader(flavour: str, servers: Any,
     master's scan from its cursor."""
     dst = servers(flavour)
     with running_cluster(flavour, replicas=0) as cluster:
-        c = cluster.client()
-        fill_cluster(c, 3000)
-        pipe = c.pipeline(transaction=False)
-        for i in range(3000):
-            pipe.set(f"pad:{i}", os.urandom(1000))
-        pipe.execute()
+        fill_cluster(cluster.client(), 3000, pad=3000)
         daemon.ok("create", {"task_id": "sc", "source": {"addrs": cluster.addrs},
                              "target": {"addrs": dst.addr}, "reader": "scan",
                              "bandwidth_limit_mb": 1,
@@ -353,11 +351,7 @@ def test_daemon_killed_during_a_three_shard_snapshot(servers: Any, daemon: Daemo
     dst = servers()
     with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
         c = cluster.client()
-        fill_cluster(c, 3000)
-        pipe = c.pipeline(transaction=False)
-        for i in range(3000):
-            pipe.set(f"big:{i}", os.urandom(1000))
-        pipe.execute()
+        fill_cluster(c, 3000, pad=3000)
         daemon.ok("create", {**inc_spec(cluster, dst, task_id="snap"),
                              "bandwidth_limit_mb": 1})
         wait_for(lambda: daemon.task("snap")["progress"]["snapshot"]["keys_done"] > 500, 60,
@@ -396,12 +390,7 @@ def test_full_copy_of_a_cluster_resharded_meanwhile(servers: Any, daemon: Daemon
     the copy starts again, and ends equal to the source."""
     dst = servers()
     with running_cluster("redis7", replicas=0) as cluster:
-        c = cluster.client()
-        fill_cluster(c, 1000)
-        pipe = c.pipeline(transaction=False)
-        for i in range(8000):
-            pipe.set(f"pad:{i}", os.urandom(1000))
-        pipe.execute()
+        fill_cluster(cluster.client(), 1000, pad=8000)
         daemon.ok("create", {"task_id": "fr", "source": {"addrs": cluster.addrs},
                              "target": {"addrs": dst.addr}, "bandwidth_limit_mb": 1,
                              "migration_method": "full_amount_migration"})
