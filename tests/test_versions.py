@@ -33,6 +33,7 @@ from .daemon import Daemon, spec
 from .load import Load
 from .servers import FLAVOURS, RedisServer, wait_for
 from .test_bigkeys import copy, fill_big
+from .test_cluster_target import big_list
 from .test_incremental import converge
 
 Servers = Callable[..., RedisServer]
@@ -116,6 +117,26 @@ def test_valkey_into_an_older_redis_cluster_is_rewritten(reader: str, daemon: Da
         t = daemon.wait_state(tid, "Succeeded", timeout=90)
         assert t["write_mode"]["mode"] == "rewrite"
         assert_same(src.client(), cluster.client())
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_big_keys_over_the_daemons_threshold_into_an_older_target(reader: str,
+                                                                  daemon: Daemon,
+                                                                  servers: Servers) -> None:
+    """The real daemon's 8 MiB threshold: a 9 MB list and a 9 MB hash go down the chunked
+    path into Redis 6.2, the rest as commands."""
+    src, dst = servers("valkey8"), servers("redis6")
+    fill_mixed(src.client(), big=False)
+    big_list(src.client())
+    c = src.client()
+    for i in range(0, 90_000, 10_000):
+        c.hset(b"big:hash", mapping={b"f%d" % j: os.urandom(100) for j in range(i, i + 10_000)})
+    c.pexpire(b"big:hash", 3_600_000)
+    tid = daemon.create(spec(src, dst, reader=reader))
+    t = daemon.wait_state(tid, "Succeeded", timeout=120)
+    assert t["write_mode"]["mode"] == "rewrite"
+    assert_same(src.client(), dst.client())
+    assert "big list b'big:list'" in daemon.log_text()     # the chunked path, both readers
 
 
 def test_write_mode_restore_into_an_older_target_fails_naming_both(daemon: Daemon,
