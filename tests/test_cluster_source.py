@@ -67,6 +67,17 @@ def exact(cluster: Any, dst: Any, ignore: Any = ()) -> None:
     assert_counters_and_lists(cluster.client(), dst.client())
 
 
+def exact_into_cluster(daemon: Daemon, task_id: str, src: Any, dst: Any) -> None:
+    """Every shard caught up, a marker in every slot of the target cluster, the data
+    equal, no snapshot redone."""
+    caught_up(daemon, task_id, src)
+    marks = set(dst.client().scan_iter(match="cdcd:checkpoint:*", count=5000))
+    assert len(marks) == 16384
+    exact(src, dst, ignore=marks)
+    view = daemon.task(task_id)
+    assert view["progress"]["full_resyncs"] == 0, view["reason"]
+
+
 @pytest.mark.parametrize("flavour", ["redis7", "redis6", "valkey8"])
 def test_full_copy_of_a_cluster(flavour: str, servers: Any, daemon: Daemon) -> None:
     dst = servers(flavour)
@@ -269,11 +280,7 @@ def test_resharding_the_source_into_a_cluster_target(flavour: str, daemon: Daemo
             daemon.kill()
             daemon.start()
             wait_for(lambda: load.ops > 15000, 60, what="more load")
-        caught_up(daemon, "rsc", src)
-        marks = set(dst.client().scan_iter(match="cdcd:checkpoint:*", count=5000))
-        assert len(marks) == 16384
-        exact(src, dst, ignore=marks)
-        assert daemon.task("rsc")["progress"]["full_resyncs"] == 0
+        exact_into_cluster(daemon, "rsc", src, dst)
 
 
 def test_a_master_added_to_the_source_gets_its_own_reader(servers: Any,
@@ -326,12 +333,7 @@ def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> No
             daemon.kill()
             daemon.start()
             wait_for(lambda: load.ops > 8000, 60, what="more load")
-        caught_up(daemon, "inc", src)
-        marks = set(dst.client().scan_iter(match="cdcd:checkpoint:*", count=5000))
-        assert len(marks) == 16384
-        exact(src, dst, ignore=marks)
-        view = daemon.task("inc")
-        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        exact_into_cluster(daemon, "inc", src, dst)
 
 
 def test_a_source_master_killed_and_its_replica_promoted(servers: Any,
