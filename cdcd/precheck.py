@@ -337,9 +337,24 @@ async def _version_check(side: _Side) -> Check:
 
 async def _dump_check(src: _Side, dst: _Side, write_mode: str) -> Check:
     c = dump_compatibility(src.version(), dst.version(), write_mode)
+    if c.status == "ok" and c.message.startswith("write_mode rewrite"):
+        c = field_ttl_check(c, src.info)
     if c.status == "ok":
         return c
     return dataclasses.replace(c, message=f"{src.name} -> {dst.name}: {c.message}")
+
+
+def field_ttl_check(c: Check, info: dict[str, str]) -> Check:
+    """With values to rewrite, a source holding hashes with field TTLs (Redis 7.4+: INFO
+    keyspace ``subexpiry``) cannot be copied: no command written rebuilds them."""
+    held = {db: n for db, n in keyspace(info, "subexpiry").items() if n}
+    if not held:
+        return c
+    where = ", ".join(f"{n} in db {db}" for db, n in sorted(held.items()))
+    return Check(name=c.name, status="error",
+                 message=f"{c.message}; but the source holds hashes with field TTLs ({where}), "
+                         f"which write_mode rewrite cannot write yet: use a target that "
+                         f"accepts the source's DUMP payloads")
 
 
 async def _rdb_file_check(path: str) -> tuple[RdbFileInfo | None, Check]:

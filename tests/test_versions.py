@@ -21,10 +21,11 @@ import pytest
 
 from cdcd.compat import WritePlan, server_version
 from cdcd.errors import FatalTaskError
-from cdcd.precheck import run_prechecks
+from cdcd.precheck import Check, field_ttl_check, run_prechecks
 from cdcd.progress import Progress
 from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, module_name
 from cdcd.readers.rewrite import Rewriter
+from cdcd.resp import parse_info
 from cdcd.spec import parse_spec
 
 from .cluster import running_cluster
@@ -511,6 +512,16 @@ def test_module_values_fail_the_task_or_are_skipped_and_listed() -> None:
         assert view["not_written"] == {"count": 1, "keys": [
             "db 3 key b'doc:1': a module value of module ReJSON-RL (encoding version 3): only "
             "the module can write it (RESTORE into a target with the module loaded)"]}
+
+
+def test_hashes_with_field_ttls_on_the_source_are_a_precheck_error_when_rewriting() -> None:
+    """Pure logic: no test server is Redis 7.4+ (INFO keyspace's subexpiry counter)."""
+    ok = Check(name="dump_compatibility", status="ok", message="write_mode rewrite: why")
+    info = parse_info(b"# Keyspace\r\ndb0:keys=10,expires=1,avg_ttl=0,subexpiry=0\r\n"
+                      b"db3:keys=5,expires=2,avg_ttl=0,subexpiry=2\r\n")
+    c = field_ttl_check(ok, info)
+    assert c.status == "error" and "hashes with field TTLs (2 in db 3)" in c.message
+    assert field_ttl_check(ok, parse_info(b"db0:keys=10,expires=1,avg_ttl=0\r\n")) is ok
 
 
 def test_values_no_command_rebuilds_are_refused() -> None:
