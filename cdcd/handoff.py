@@ -55,6 +55,9 @@ GONE_TIMEOUT_S = 30.0
 # A shard holding this many entries behind a waiting unit stops reading (memory).
 HELD_ENTRIES = 500_000
 MERGE_ENTRIES = 4096
+# Settling moved slots looks at every one of them: at most this often after a held unit
+# (and at every read of the slot map).
+SETTLE_EVERY_S = 0.1
 
 
 class HandoffDeadlock(EndpointError):
@@ -193,6 +196,7 @@ class Handoff:
         self._locks: dict[str, asyncio.Lock] = {}   # one call at a time per connection
         self._fences: dict[str, tuple[float, int]] = {}
         self._changed = asyncio.Event()
+        self._settled_at = 0.0
 
     def gate(self, key: str, put: Callable[[Batch | None], Awaitable[None]]) -> ShardGate:
         gate = self.gates[key] = ShardGate(self, key, put)
@@ -251,7 +255,9 @@ class Handoff:
                 await self._changed.wait()
         finally:
             self.waiting.pop(me, None)
-        self._settle()
+        now = time.monotonic()
+        if now - self._settled_at > SETTLE_EVERY_S:
+            self._settle()
 
     async def _needs(self, me: str, slot: int, end: int, migrated: bytes | None,
                      received: float) -> list[tuple[str, int, int]]:
@@ -280,6 +286,7 @@ class Handoff:
     def _settle(self) -> None:
         """Drop the history steps every shard is past: the slot's owner's events go at
         once again."""
+        self._settled_at = time.monotonic()
         for slot in list(self.moved):
             hist = self.moved[slot]
             while hist and self._done(hist[0][0], slot, hist[0][1]):
