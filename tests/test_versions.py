@@ -280,6 +280,25 @@ def test_scan_reader_notifications_into_an_older_target(daemon: Daemon,
     assert t["state"] == "Running" and t["write_mode"]["mode"] == "rewrite"
 
 
+def test_incremental_into_an_older_cluster(daemon: Daemon, servers: Servers) -> None:
+    """Valkey 8.1 into a Redis 6.2 cluster: rewritten snapshot values and translated
+    stream commands routed by slot."""
+    src = servers("valkey8")
+    fill_mixed(src.client(), big=False)
+    with running_cluster("redis6", replicas=0) as cluster:
+        daemon.ok("create", spec(src, cluster.addrs, task_id="ci", reader="psync",
+                                 migration_method="incremental_migration"))
+        wait_for(lambda: daemon.task("ci")["phase"] == "incremental", 60, what="stream phase")
+        with Load(src.client, dbs=(0,), max_ops=100_000) as load:
+            for i in range(20):
+                newer_commands(src.client(), i)
+            wait_for(lambda: load.ops > 2000, 60, what="load during the stream phase")
+        markers = list(cluster.client().scan_iter(b"cdcd:*"))
+        wait_same(src.client(), cluster.client(), timeout=60, ignore=markers)
+        t = daemon.task("ci")
+        assert t["state"] == "Running" and t["write_mode"]["mode"] == "rewrite"
+
+
 def test_a_command_the_older_target_lacks_stops_the_task_naming_it(daemon: Daemon,
                                                                      servers: Servers) -> None:
     src, dst = servers("redis7"), servers("redis6")
