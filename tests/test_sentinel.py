@@ -4,9 +4,13 @@ load, with a partial resync on the source side and no duplicate on the target si
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+
+from cdcd import sentinel
+from cdcd.spec import Endpoint, Sentinel
 
 from .compare import assert_counters_and_lists, assert_same, diff
 from .daemon import Daemon
@@ -78,7 +82,8 @@ def test_target_failover_under_load_is_exact(servers: Any, daemon: Daemon) -> No
         counters_exact(src, new)
         view = daemon.task("t")
         assert view["progress"]["full_resyncs"] == 0, view["reason"]
-        assert "sentinel says master" in view["progress"]["last_error"], view["progress"]
+        error = view["progress"]["last_error"]
+        assert "sentinel" in error and "is now" in error, view["progress"]
 
 
 def test_sentinel_spec_errors(servers: Any, daemon: Daemon) -> None:
@@ -100,3 +105,19 @@ def test_sentinel_spec_errors(servers: Any, daemon: Daemon) -> None:
         assert code == 200, doc
         checks = {c["name"]: c["status"] for c in doc["data"]["checks"]}
         assert checks["source.connection"] == "ok", doc
+
+
+async def test_a_switch_master_announcement_is_followed_at_once(monkeypatch: Any) -> None:
+    """A sentinel's +switch-master reaches the task's watcher the moment the failover is
+    decided, without waiting for the once-a-second question (put out of the way here)."""
+    monkeypatch.setattr(sentinel, "WATCH_EVERY", 3600.0)
+    with sentinel_group() as group:
+        ep = Endpoint(addrs=(("127.0.0.1", group.master.port),),
+                      sentinel=Sentinel(addrs=(("127.0.0.1", group.port),),
+                                        master_name=NAME))
+        listen = asyncio.create_task(sentinel._listen(ep, "source"))
+        await asyncio.sleep(0.5)            # subscribed
+        failover = asyncio.create_task(asyncio.to_thread(group.failover))
+        with pytest.raises(sentinel.MasterSwitched, match=r"announced \+switch-master"):
+            await asyncio.wait_for(listen, 30)
+        await failover
