@@ -806,11 +806,6 @@ async def _cluster_source_check(src: _Side, dst: _Side, spec: TaskSpec) -> Check
     """A Redis Cluster source: read with one psync link per master (or a replica of
     each); every node read reachable after host mapping."""
     name = "source.topology"
-    if spec.reader == "scan" and spec.incremental:
-        return Check(name=name, status="error",
-                     message=f"{src.name} is a Redis Cluster: its changes are followed with "
-                             f"the psync reader only (the scan reader copies a cluster with "
-                             f"full_amount_migration, but does not follow it yet)")
     try:
         topo = await _reachable_cluster(spec.source, "source")
     except CdcdError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -504,17 +505,27 @@ async def _read_owner(conn: Connection, states: dict[str, ShardState]) -> list[s
 
 
 async def run_sharded_scan(task: Task, topology: Topology, target: Connection) -> None:
-    """A full copy of a cluster source with the scan reader (a source that refuses PSYNC,
-    as managed services do): one SCAN + DUMP reader per master, each resuming from its own
-    cursor (``checkpoint["scan_shards"]``), all feeding the one writer. Slots that move
-    while the masters are scanned could carry keys behind a cursor: the copy starts again
-    (its writes are idempotent)."""
+    """A cluster source with the scan reader (a source that refuses PSYNC, as managed
+    services do): one SCAN + DUMP reader per master, all feeding the one writer.
+
+    A full copy resumes each master's scan from its own cursor
+    (``checkpoint["scan_shards"]``); slots that move while the masters are scanned could
+    carry keys behind a cursor, so the copy starts again (its writes are idempotent).
+
+    An incremental task subscribes to every master's keyspace notifications first, scans
+    every master, then copies the notified keys again, each read on the master that
+    notified it (``ASKING`` first: a master importing a slot holds its migrated keys; a
+    master that gave the key away answers MOVED/ASK and leaves it to the new owner's own
+    notification). As for a standalone source this feed is best effort, and every start
+    scans again; a master new to the task restarts it with a subscription of its own."""
+    from .readers.notify import NotificationFeed
     from .readers.scan import ScanSnapshot
     from .task import QUEUE_BATCHES, run_pipeline
     spec = task.spec
     ck: dict[str, Any] = task.checkpoint.setdefault("scan_shards", {})
-    if task.checkpoint.get("resync"):
-        ck.clear()
+    forced = task.checkpoint.get("resync")
+    if forced or spec.incremental:
+        ck.clear()          # (notifications sent while down are lost: scan again)
     states = {str(s.ranges[0][0]): ShardState(str(s.ranges[0][0]), s) for s in topology.shards}
     task.shard_states = states
     if set(ck) - set(states):
@@ -522,9 +533,12 @@ async def run_sharded_scan(task: Task, topology: Topology, target: Connection) -
     owner = owner_list({k: st.slots for k, st in states.items()})
     queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=QUEUE_BATCHES)
     fan = FanIn(queue, len(states))
-    writer = await task._writer(target, replace=task._replace(bool(
-        task.checkpoint.get("resync"))))
+    writer = await task._writer(target, replace=task._replace(bool(forced) or
+                                                              spec.incremental))
     conns: list[Connection] = []
+    feeds = {key: NotificationFeed(spec, st.progress, task.plan, node=st.node.dial)
+             for key, st in states.items()} if spec.incremental else {}
+    scanned = asyncio.Event()
 
     class _Tag:
         """A shard's port: its cursor checkpoints tagged with the shard."""
@@ -540,37 +554,68 @@ async def run_sharded_scan(task: Task, topology: Topology, target: Connection) -
 
     async def ack(batch: Batch) -> None:
         if isinstance(batch.checkpoint, tuple):
-            key, cursor = batch.checkpoint
-            ck[key] = cursor
-            task._dirty = True
+            key, mark = batch.checkpoint
+            if isinstance(mark, tuple) and mark[0] == "notify":
+                task.progress.lag_ms = (time.monotonic() - mark[1]) * 1000
+            elif not spec.incremental:
+                ck[key] = mark
+                task._dirty = True
             task.healthy()
         _aggregate(task, states)
+
+    async def shard(key: str, st: ShardState) -> None:
+        conn = await Connection.open(*st.node.dial, role="source", ep=spec.source)
+        conns.append(conn)
+        st.phase = "snapshot"
+        scan = ScanSnapshot(conn, spec, st.progress, ck.get(key), plan=task.plan)
+        scan.replace = writer.replace
+        await scan.run(_Tag(key), end=not spec.incremental)  # type: ignore[arg-type]
+        st.phase = "scanned"
+        if not spec.incremental:
+            return
+        # Every master scanned before any notified key is copied: a scan batch must never
+        # overwrite a newer value the feed of another master wrote.
+        if all(s.phase == "scanned" for s in states.values()):
+            task.progress.snapshot_done = True
+            task.set_phase("incremental")
+            task.healthy()
+            scanned.set()
+        await scanned.wait()
+        st.phase = "incremental"
+        feeds[key].snapshot_done.set()
+        await feeds[key].run(_Tag(key))  # type: ignore[arg-type]
 
     async def read_all() -> None:
         async with asyncio.TaskGroup() as tg:
             for key, st in states.items():
-                conn = await Connection.open(*st.node.dial, role="source", ep=spec.source)
-                conns.append(conn)
-                st.phase = "snapshot"
-                scan = ScanSnapshot(conn, spec, st.progress, ck.get(key), plan=task.plan)
-                scan.replace = writer.replace
-                tg.create_task(scan.run(_Tag(key)))  # type: ignore[arg-type]
+                tg.create_task(shard(key, st))
+            for feed in feeds.values():
+                tg.create_task(feed.listen())
 
     async def follow(conn: Connection) -> None:
-        now = await _read_owner(conn, states)
-        if now != owner:
+        now = await _read_owner(conn, states)    # (a master new to the task: restart)
+        if now != owner and not spec.incremental:
             ck.clear()
             moved = [s for s in range(SLOTS) if now[s] != owner[s]]
             raise EndpointError(f"the source was resharded while its masters were scanned "
                                 f"(slots {_ranges(moved)[:100]} moved): copying again")
 
     task.set_phase("snapshot")
+    if spec.incremental:
+        task.note = "incremental changes come from every master's keyspace notifications " \
+                    "(best effort)"
+        task.reason = task.note
     try:
+        for feed in feeds.values():
+            await feed.subscribe()
         await run_pipeline(read_all(), writer.run(queue, ack), task._checkpointer(),
                            _poll(task, states, follow), task._watch_target())
     finally:
         for conn in conns:
             conn.close()
+        for feed in feeds.values():
+            if feed.sub is not None:
+                feed.sub.close()
     for st in states.values():
         st.phase = "done"
     task.progress.snapshot_done = True

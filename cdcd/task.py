@@ -407,10 +407,6 @@ class Task:
                 self.progress.reader = "scan"
                 self.fallback = f"reader auto fell back to scan: {exc.message}"
                 self.note = self.fallback
-        if spec.incremental:
-            raise FatalTaskError("a Redis Cluster source is followed with the psync reader "
-                                 "only: the scan reader copies it (full_amount_migration) "
-                                 "but does not follow its changes yet")
         await run_sharded_scan(self, topology, target)
 
     async def _plan_writes(self, source: Connection, target: Connection) -> None:

@@ -157,10 +157,39 @@ def test_a_source_shard_fails_over_with_a_partial_resync(servers: Any,
 
 def test_cluster_source_refusals(servers: Any, daemon: Daemon) -> None:
     dst = servers()
-    with running_cluster("redis7", replicas=0) as cluster:
-        daemon.ok("create", {**inc_spec(cluster, dst, task_id="scan"), "reader": "scan"})
+    with running_cluster("redis7", replicas=1) as cluster:
+        spec = {**inc_spec(cluster, dst, task_id="scan"), "reader": "scan"}
+        spec["source"]["read_from"] = "replica"
+        daemon.ok("create", spec)
         view = daemon.wait_state("scan", "Failed")
-        assert "psync reader only" in view["reason"], view["reason"]
+        assert "read_from: replica is for the psync reader" in view["reason"], view["reason"]
+        # the scan reader's feed needs keyspace notifications on every master
+        daemon.ok("delete", {"task_id": "scan"})
+        daemon.ok("create", {**inc_spec(cluster, dst, task_id="quiet"), "reader": "scan"})
+        view = daemon.wait_state("quiet", "Failed")
+        assert "keyspace notifications are off" in view["reason"], view["reason"]
+
+
+@pytest.mark.parametrize("flavour", ["redis7", "valkey8"])
+def test_incremental_from_a_cluster_with_the_scan_reader(flavour: str, servers: Any,
+                                                        daemon: Daemon) -> None:
+    """reader scan on a cluster source: every master scanned, then every master's
+    keyspace notifications followed (best effort), through slots migrating meanwhile."""
+    dst = servers(flavour)
+    with running_cluster(flavour, replicas=0,
+                         args=["--notify-keyspace-events", "KA"]) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", {**inc_spec(cluster, dst, task_id="si"), "reader": "scan"})
+        wait_for(lambda: daemon.task("si")["phase"] == "incremental", 60, what="streaming")
+        with Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists") as load:
+            wait_for(lambda: load.ops > 2000, 30, what="some load")
+            cluster.move_slots(cluster.masters[0], cluster.masters[1], range(0, 300))
+            wait_for(lambda: load.ops > 6000, 60, what="more load")
+        exact(cluster, dst)
+        view = daemon.task("si")
+        assert "best effort" in view["reason"], view["reason"]
+        assert len(view["progress"]["shards"]) == 3
+        assert view["state"] == "Running"
 
 
 @pytest.mark.parametrize("flavour", ["redis7", "valkey8"])

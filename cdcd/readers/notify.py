@@ -42,9 +42,12 @@ def events_enabled(flags: str) -> bool:
 
 class NotificationFeed:
     def __init__(self, spec: TaskSpec, progress: Progress,
-                 plan: WritePlan = RESTORE_PLAN) -> None:
+                 plan: WritePlan = RESTORE_PLAN, node: tuple[str, int] | None = None) -> None:
         self.spec = spec
         self.progress = progress
+        # A master of a cluster source (its own notifications, its own keys), else None:
+        # the source endpoint.
+        self.node = node
         # write_mode rewrite: a changed key is written with commands, not RESTORE.
         self.rewriter = (Rewriter(plan, spec, progress, source="source")
                          if plan.rewrite else None)
@@ -56,8 +59,7 @@ class NotificationFeed:
 
     async def subscribe(self) -> None:
         """Subscribe before the snapshot starts, so no change in between is missed."""
-        spec = self.spec
-        conn = await Connection.open_endpoint(spec.source, role="source")
+        conn = await self._open()
         try:
             try:
                 flags = await conn.call("CONFIG", "GET", "notify-keyspace-events")
@@ -108,7 +110,7 @@ class NotificationFeed:
         if self.overflowed:
             raise EndpointError(f"more than {MAX_DIRTY} keys changed during the snapshot; "
                                 f"redoing it")
-        conn = await Connection.open_endpoint(self.spec.source, role="source")
+        conn = await self._open()
         try:
             while True:
                 if not self.dirty:
@@ -122,6 +124,11 @@ class NotificationFeed:
         finally:
             conn.close()
 
+    async def _open(self) -> Connection:
+        if self.node is None:
+            return await Connection.open_endpoint(self.spec.source, role="source")
+        return await Connection.open(*self.node, role="source", ep=self.spec.source)
+
     async def _read(self, conn: Connection, items: list[tuple[tuple[int, bytes], float]]
                     ) -> Batch:
         entries: list[Entry] = []
@@ -134,11 +141,21 @@ class NotificationFeed:
             await conn.select(db)
             cmds: list[list[Any]] = []
             for key, _ in keys:
-                cmds += [[b"DUMP", key], [b"PTTL", key]]
+                if self.node is not None:
+                    # a cluster master reads a key it is importing only after ASKING
+                    cmds += [[b"ASKING"], [b"DUMP", key], [b"ASKING"], [b"PTTL", key]]
+                else:
+                    cmds += [[b"DUMP", key], [b"PTTL", key]]
             now_ms = int(time.time() * 1000)
             replies = await conn.pipeline(cmds)
+            if self.node is not None:
+                replies = replies[1::2]
             for i, (key, _) in enumerate(keys):
                 payload, ttl = replies[2 * i], replies[2 * i + 1]
+                if self.node is not None and ReplyError in (payload.__class__, ttl.__class__) \
+                        and str(payload if payload.__class__ is ReplyError else ttl
+                                ).startswith(("MOVED", "ASK")):
+                    continue    # moved to another master, whose own notification copies it
                 if payload.__class__ is ReplyError:
                     raise EndpointError(f"{conn.name}: DUMP failed: {payload}")
                 if payload is None or ttl == -2:
