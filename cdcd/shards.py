@@ -169,10 +169,19 @@ class ShardState:
         self.phase = "connecting"
         self.handoff: Handoff | None = None
 
+    @property
+    def slots(self) -> frozenset[int]:
+        return self._slots
+
+    @slots.setter
+    def slots(self, slots: frozenset[int]) -> None:
+        self._slots = slots
+        self._slots_text = _ranges(slots)   # (the view is asked for often: once here)
+
     def view(self) -> dict[str, Any]:
         p = self.progress
         return {"shard": self.key, "node": self.node.name, "role": self.node.role,
-                "slots": _ranges(self.slots), "phase": self.phase,
+                "slots": self._slots_text, "phase": self.phase,
                 "replid": self.reader.replid if self.reader else "",
                 "source_offset": p.source_offset, "applied_offset": p.applied_offset,
                 "lag_bytes": max(0, p.source_offset - p.applied_offset),
