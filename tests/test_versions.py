@@ -23,7 +23,7 @@ from cdcd.compat import WritePlan, server_version
 from cdcd.errors import FatalTaskError
 from cdcd.precheck import Check, field_ttl_check, run_prechecks
 from cdcd.progress import Progress
-from cdcd.rdbvalue import ValueNotRewritable, decode_payload, decode_value, module_name
+from cdcd.rdb.values import ValueNotRewritable, decode_payload, decode_value, module_name
 from cdcd.readers.rewrite import Rewriter
 from cdcd.resp import parse_info
 from cdcd.spec import parse_spec
@@ -472,7 +472,8 @@ def test_a_truncated_rdb_file_fails_the_task_saying_so(daemon: Daemon, servers: 
 # --- decoding, without servers ----------------------------------------------------------------
 
 def test_lzf_in_c_and_in_python_agree() -> None:
-    from cdcd import rdb
+    from cdcd.rdb import lzf as rdb_lzf
+    from cdcd.rdb.records import _Corrupt
     lzf = pytest.importorskip("lzf")
     rnd = random.Random(3)
     for _ in range(200):
@@ -481,13 +482,13 @@ def test_lzf_in_c_and_in_python_agree() -> None:
         packed = lzf.compress(data)
         if packed is None:      # incompressible: Redis stores it plain
             continue
-        assert rdb._lzf_decompress(packed, len(data), 0) == data
-        assert rdb._lzf_decompress_py(packed, len(data), 0) == data
+        assert rdb_lzf._lzf_decompress(packed, len(data), 0) == data
+        assert rdb_lzf._lzf_decompress_py(packed, len(data), 0) == data
     packed = lzf.compress(b"x" * 1000)
-    with pytest.raises(rdb._Corrupt, match="expands to 1000 bytes, expected 999"):
-        rdb._lzf_decompress(packed, 999, 0)
-    with pytest.raises(rdb._Corrupt, match="truncated"):
-        rdb._lzf_decompress(packed[:-1], 1000, 0)
+    with pytest.raises(_Corrupt, match="expands to 1000 bytes, expected 999"):
+        rdb_lzf._lzf_decompress(packed, 999, 0)
+    with pytest.raises(_Corrupt, match="truncated"):
+        rdb_lzf._lzf_decompress(packed[:-1], 1000, 0)
 
 
 MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

@@ -28,8 +28,9 @@ from ..compat import WritePlan
 from ..entry import COMMAND, STRINGS, Entry
 from ..errors import FatalTaskError
 from ..progress import Progress
-from ..rdb import _Corrupt, _NeedMore, _read_string
-from ..rdbvalue import ModuleValue, ValueNotRewritable, decode_payload
+from ..rdb.primitives import _read_string
+from ..rdb.records import _Corrupt, _NeedMore
+from ..rdb.values import ModuleValue, ValueNotRewritable, decode_payload
 from ..spec import TaskSpec
 from .bigkey import CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 

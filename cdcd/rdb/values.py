@@ -2,12 +2,12 @@
 
 The write mode ``rewrite`` (cdcd.compat) writes values with commands instead of RESTORE:
 this module turns the value bytes the splitter cut out of an RDB, or a DUMP reply's, into
-what those commands take, with the element readers and compact-encoding decoders the
-splitter uses for big values (cdcd.rdb). Every encoding of Redis 6.2-8.0 and Valkey 7-8 is
-decoded: strings (raw, integer, LZF), lists (linked list, ziplist, quicklist of ziplists
-or listpacks), sets (hashtable, intset, listpack), sorted sets (skiplist with text or
-binary scores, ziplist, listpack), hashes (hashtable, ziplist, listpack) and streams
-(entries, id counters, consumer groups, consumers and pending entries).
+what those commands take. Its element readers also decode big values as they arrive (the
+splitter's). Every encoding of Redis 6.2-8.0 and Valkey 7-8 is decoded: strings (raw,
+integer, LZF), lists (linked list, ziplist, quicklist of ziplists or listpacks), sets
+(hashtable, intset, listpack), sorted sets (skiplist with text or binary scores, ziplist,
+listpack), hashes (hashtable, ziplist, listpack) and streams (entries, id counters,
+consumer groups, consumers and pending entries).
 
 What cannot be written with commands raises :class:`ValueNotRewritable` naming the type:
 module values (their name is decoded from the module id), hashes with field TTLs
@@ -16,22 +16,144 @@ module values (their name is decoded from the module id), hashes with field TTLs
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from typing import Any
 
-from .rdb import (
-    _BIG_ITEMS,
-    _BIG_KINDS,
-    _BLOB_DECODERS,
-    StreamGroup,
-    StreamMeta,
-    _Corrupt,
-    _length,
-    _NeedMore,
-    _read_string,
-    _stream_id,
-)
+from .encodings import _BLOB_DECODERS, _listpack_items, _ziplist_items
+from .primitives import _length, _read_string
+from .records import StreamGroup, StreamMeta, _Corrupt, _NeedMore
 
-__all__ = ["ModuleValue", "ValueNotRewritable", "decode_payload", "decode_value", "module_name"]
+__all__ = ["ModuleValue", "ValueNotRewritable", "decode_payload", "decode_value",
+           "module_name"]
+
+# Value types a big value can be decoded from, and the kind of value they hold.
+_BIG_KINDS = {0: "string", 1: "list", 2: "set", 3: "zset", 4: "hash", 5: "zset",
+              10: "list", 11: "set", 12: "zset", 13: "hash", 14: "list", 16: "hash",
+              17: "zset", 18: "list", 20: "set", 15: "stream", 19: "stream", 21: "stream"}
+
+# --- element readers of big values: (data, index, length, items) -> index after ---
+
+def _item_string(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    s, e = _read_string(buf, p, n)
+    items.append(s)
+    return e
+
+
+def _item_pair(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    b = buf[p] if p < n else 0xFF
+    if b < 0x40:  # the usual short plain field: inline
+        q = p + 1 + b
+        if q < n and buf[q] < 0x40:
+            e = q + 1 + buf[q]
+            if e <= n:
+                items.append(buf[p + 1:q])
+                items.append(buf[q + 1:e])
+                return e
+    f, q = _read_string(buf, p, n)
+    v, e = _read_string(buf, q, n)
+    items.append(f)
+    items.append(v)
+    return e
+
+
+def _item_zset(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    """Member and score as a length-prefixed decimal string (type 3)."""
+    m, q = _read_string(buf, p, n)
+    if q >= n:
+        raise _NeedMore(q + 1)
+    b = buf[q]
+    if b >= 253:
+        score, e = (b"nan", b"inf", b"-inf")[b - 253], q + 1
+    else:
+        e = q + 1 + b
+        if e > n:
+            raise _NeedMore(e)
+        score = buf[q + 1:e]
+    items.append(m)
+    items.append(score)
+    return e
+
+
+_unpack_double = struct.Struct("<d").unpack_from
+
+
+def _item_zset2(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    """Member and 8-byte little-endian double (type 5); repr() is exact and parses back."""
+    b = buf[p] if p < n else 0xFF
+    if b < 0x40:  # the usual short plain member: inline
+        q = p + 1 + b
+        m = buf[p + 1:q]
+    else:
+        m, q = _read_string(buf, p, n)
+    e = q + 8
+    if e > n:
+        raise _NeedMore(e)
+    items.append(m)
+    items.append(repr(_unpack_double(buf, q)[0]).encode())
+    return e
+
+
+def _item_ziplist_node(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    blob, e = _read_string(buf, p, n)
+    items += _ziplist_items(blob, p)
+    return e
+
+
+def _item_quicklist2_node(buf: bytes, p: int, n: int, items: list[bytes]) -> int:
+    container, q = _length(buf, p, n)
+    blob, e = _read_string(buf, q, n)
+    if container == 1:  # PLAIN: one big element
+        items.append(blob)
+    elif container == 2:  # PACKED: a listpack
+        items += _listpack_items(blob, q)
+    else:
+        raise _Corrupt(f"unknown quicklist container {container}", p)
+    return e
+
+def _stream_id(raw: bytes | bytearray) -> bytes:
+    """A 16-byte big-endian stream ID (ms, seq) as text."""
+    return b"%d-%d" % (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
+
+
+def _item_stream_node(buf: bytes, p: int, n: int, items: list[Any]) -> int:
+    """One listpack node of a stream (t_stream.c): its live entries as (id, fields)."""
+    master, q = _read_string(buf, p, n)
+    blob, e = _read_string(buf, q, n)
+    if len(master) != 16:
+        raise _Corrupt("stream node key is not a 16-byte ID", p)
+    lp = _listpack_items(blob, q)
+    ms0 = int.from_bytes(master[:8], "big")
+    seq0 = int.from_bytes(master[8:], "big")
+    try:
+        nf = int(lp[2])
+        fields = lp[3:3 + nf]
+        i = 4 + nf  # count, deleted, num-fields, the fields, a 0 ending the master entry
+        while i < len(lp):
+            flags = int(lp[i])
+            entry_id = b"%d-%d" % (ms0 + int(lp[i + 1]), seq0 + int(lp[i + 2]))
+            if flags & 2:  # SAMEFIELDS: values only, the master entry's fields
+                values = lp[i + 3:i + 3 + nf]
+                i += 4 + nf  # ... and the entry's lp-count
+                pairs = [x for fv in zip(fields, values) for x in fv]
+            else:
+                k = int(lp[i + 3])
+                pairs = lp[i + 4:i + 4 + 2 * k]
+                i += 5 + 2 * k
+            if not flags & 1:  # not DELETED
+                items.append((entry_id, pairs))
+    except (IndexError, ValueError):
+        raise _Corrupt("malformed stream listpack", q) from None
+    return e
+
+
+_BIG_ITEMS: dict[int, Callable[[bytes, int, int, list[Any]], int]] = {
+    1: _item_string, 2: _item_string, 4: _item_pair, 3: _item_zset, 5: _item_zset2,
+    14: _item_ziplist_node, 18: _item_quicklist2_node,
+    15: _item_stream_node, 19: _item_stream_node, 21: _item_stream_node,
+}
+
+
 
 _STREAMS = (15, 19, 21)
 _MODULE_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
