@@ -205,6 +205,17 @@ class Cluster:
                  what="every node meeting the new master")
         return node
 
+    def remove_master(self, node: RedisServer) -> None:
+        """A master without slots leaves (as ``redis-cli --cluster del-node`` does: every
+        other node forgets it, then it shuts down)."""
+        gone = self.node_id(node)
+        self.nodes.remove(node)
+        self.n_masters -= 1
+        for other in self.nodes:
+            if other.proc is not None and other.proc.poll() is None:
+                other.client().execute_command("CLUSTER", "FORGET", gone)
+        node.cleanup()
+
     def node_id(self, node: RedisServer) -> str:
         raw = node.client().execute_command("CLUSTER", "MYID")
         return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -315,7 +315,8 @@ def test_resharding_the_source_into_a_cluster_target(flavour: str, daemon: Daemo
 def test_a_master_added_to_the_source_gets_its_own_reader(servers: Any,
                                                          daemon: Daemon) -> None:
     """redis-cli --cluster add-node, then slots moved to the new master under load: the
-    task starts a reader for it (its first sync is not a resync) and stays exact."""
+    task starts a reader for it (its first sync is not a resync) and stays exact. Then the
+    slots back and the master removed (del-node): its reader is retired."""
     dst = servers()
     with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
         fill_cluster(cluster.client(), 2000)
@@ -340,6 +341,20 @@ def test_a_master_added_to_the_source_gets_its_own_reader(servers: Any,
         view = daemon.task("add")
         assert len(view["progress"]["shards"]) == 4
         assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        with Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+                  resilient=True, seed=9) as load:
+            wait_for(lambda: load.ops > 1000, 30, what="some load")
+            cluster.move_slots(new, cluster.masters[0], range(0, 800))
+            cluster.move_slots(new, cluster.masters[1], range(5461, 6000))
+            cluster.remove_master(new)
+            cluster.wait_ok()
+            wait_for(lambda: load.ops > 8000, 60, what="more load")
+        caught_up(daemon, "add", cluster)
+        exact(cluster, dst)
+        view = daemon.task("add")
+        assert not any(sh["node"].startswith(new.addr) for sh in view["progress"]["shards"])
+        assert view["progress"]["full_resyncs"] == 0, view["reason"]
+        assert "serves no slots any more" in daemon.log.read_text()
 
 
 def test_cluster_to_a_cluster_of_two_masters(servers: Any, daemon: Daemon) -> None:
