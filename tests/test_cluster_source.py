@@ -244,6 +244,13 @@ def test_read_from_replicas_keeps_the_masters_free(servers: Any, daemon: Daemon)
         assert checks["source.topology"]["status"] == "error"
 
 
+def kill_at(daemon: Daemon, slot: int, at: int) -> None:
+    """A daemon kill -9 and restart when the resharding reaches slot ``at``."""
+    if slot == at:
+        daemon.kill()
+        daemon.start()
+
+
 def reshard(cluster: Any, on_slot: Any = None) -> int:
     """Slots both ways between the first two masters, and from the third to the first."""
     a, b, c = cluster.masters[:3]
@@ -266,13 +273,9 @@ def test_resharding_the_source_under_load_with_a_daemon_kill(flavour: str, serve
         daemon.ok("create", inc_spec(cluster, dst, task_id="rs"))
         wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="streaming")
 
-        def kill_once(slot: int) -> None:
-            if slot == 600:
-                daemon.kill()
-                daemon.start()
         with Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists") as load:
             wait_for(lambda: load.ops > 1000, 30, what="some load")
-            moved = reshard(cluster, kill_once)
+            moved = reshard(cluster, lambda slot: kill_at(daemon, slot, 600))
             wait_for(lambda: load.ops > 20000, 60, what="more load after the resharding")
         assert moved > 300
         caught_up(daemon, "rs", cluster)
@@ -295,7 +298,8 @@ def test_resharding_the_source_under_load_with_a_daemon_kill(flavour: str, serve
 @pytest.mark.parametrize("flavour", ["redis7", "valkey8"])
 def test_resharding_the_source_into_a_cluster_target(flavour: str, daemon: Daemon) -> None:
     """The same into a cluster target of two masters, whose slot markers name the source
-    shard whose stream wrote them; a daemon kill -9 after the resharding resumes exactly."""
+    shard whose stream wrote them; a daemon kill -9 during the resharding and one after
+    resume exactly."""
     with running_cluster(flavour, replicas=0, args=BACKLOG) as src, \
             running_cluster(flavour, masters=2, replicas=0) as dst:
         fill_cluster(src.client(), 2000)
@@ -305,7 +309,7 @@ def test_resharding_the_source_into_a_cluster_target(flavour: str, daemon: Daemo
         wait_for(lambda: daemon.task("rsc")["phase"] == "incremental", 60, what="streaming")
         with Load(lambda db: src.client(), dbs=(0,), kinds="counters+lists") as load:
             wait_for(lambda: load.ops > 1000, 30, what="some load")
-            reshard(src)
+            reshard(src, lambda slot: kill_at(daemon, slot, 600))
             daemon.kill()
             daemon.start()
             wait_for(lambda: load.ops > 15000, 60, what="more load")
