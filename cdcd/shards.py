@@ -351,7 +351,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         reader = PsyncReader(spec, st.progress, resume=resume, host=host, port=port,
                              rdb_only=not spec.incremental, resync=redo,
                              on_full_sync=on_full_sync, on_stream=on_stream,
-                             after_rdb=after_rdb,
+                             after_rdb=after_rdb, plan=task.plan,
                              parse=router is not None or handoff is not None)
         reader.name = f"source shard {st.node.name} (slots {st.shard.slots_text()})"
         reader.gate, reader.shard = handoff, key

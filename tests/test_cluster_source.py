@@ -468,3 +468,19 @@ def test_a_cluster_refusing_psync_is_copied_with_scan(servers: Any, daemon: Daem
         view = daemon.wait_state("auto", "Succeeded", timeout=90)
         assert_same(cluster.client(), dst.client())
         assert "fell back to scan" in view["reason"], view["reason"]
+
+
+def test_a_valkey_cluster_into_an_older_redis(servers: Any, daemon: Daemon) -> None:
+    """Valkey 8.1 shards into Redis 6.2 (which refuses their DUMP payloads): write_mode
+    auto rewrites the values as commands, in the snapshot and in the stream."""
+    dst = servers("redis6")
+    with running_cluster("valkey8", replicas=0, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", inc_spec(cluster, dst, task_id="down"))
+        wait_for(lambda: daemon.task("down")["phase"] == "incremental", 60, what="streaming")
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=3000).run_all()
+        caught_up(daemon, "down", cluster)
+        exact(cluster, dst)
+        view = daemon.task("down")
+        assert view["write_mode"]["mode"] == "rewrite", view["write_mode"]
