@@ -793,6 +793,60 @@ class Bench:
             if cluster is not None:
                 cluster.stop()
 
+    def _cluster_source_drain_row(self, api: Api, nreq: int,
+                                  standalone_rate: float | None) -> None:
+        """(f) The (d) drain from a 3-master cluster source into a standalone target:
+        three psync links, each command parsed (slots moving between shards are ordered),
+        as a ratio to the standalone source's rate."""
+        S = "incremental"
+        metric = "(f) apply capacity from a 3-shard cluster source / standalone source"
+        cluster = None
+        try:
+            if not shutil.which("redis-benchmark"):
+                raise NotAvailable("redis-benchmark not installed")
+            cluster = Cluster(replicas=0, args=["--repl-backlog-size", str(1 << 30)]).start()
+            tgt = self.server()
+            task_id = api.ok("create", {
+                "task_id": "bench-cluster-source", "source": {"addrs": cluster.addrs},
+                "target": {"addrs": tgt.addr},
+                "migration_method": "incremental_migration", "reader": "psync"})["task_id"]
+            self._wait_phase(api, task_id, "incremental", 300)
+
+            def view() -> dict[str, Any]:
+                return dict(api.task(task_id)["progress"])
+
+            def ends() -> int:
+                return sum(int(m.client().info("replication")["master_repl_offset"])
+                           for m in cluster.masters)   # type: ignore[union-attr]
+            api.ok("pause", {"task_id": task_id})
+            self._wait(lambda: api.task(task_id)["state"] == "Paused", 30, "pause")
+            ops0 = view()["incremental"]["ops_applied"]
+            m0 = cluster.masters[0]
+            p = self.popen(["redis-benchmark", "--cluster", "-h", "127.0.0.1", "-p",
+                            str(m0.port), "-t", "set", "-P", "16", "-n", str(nreq), "-r",
+                            "100000", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            text = p.communicate()[0].decode(errors="replace")
+            if p.returncode:
+                raise NotAvailable(f"redis-benchmark --cluster failed: {text[-300:]}")
+            end = ends()
+            t0 = time.perf_counter()
+            api.ok("resume", {"task_id": task_id})
+            self._wait(lambda: view()["incremental"]["applied_offset"] >= end, 600,
+                       "the drain")
+            drain = time.perf_counter() - t0
+            rate = (view()["incremental"]["ops_applied"] - ops0) / drain
+            api.ok("delete", {"task_id": task_id})
+            self.results["incremental"]["cluster_source_drain"] = {"rate": rate,
+                                                                   "seconds": drain}
+            ratio = rate / standalone_rate if standalone_rate else None
+            self.row(S, metric, (f"{ratio:.2f} " if ratio else "") + f"({fmt_rate(rate)} over "
+                     f"{fmt_s(drain)})", ">= 0.7", verdict(bool(ratio and ratio >= 0.7)))
+        except (NotAvailable, TimeoutError, AssertionError) as exc:
+            self.unavailable(S, metric, exc, ">= 0.7")
+        finally:
+            if cluster is not None:
+                cluster.stop()
+
     def _memory_rows_from(self, res: dict[str, Any], n: int) -> None:
         mem = self.results.setdefault("memory", {})
         for reader in ("psync", "scan"):
@@ -1026,6 +1080,7 @@ class Bench:
         except (NotAvailable, TimeoutError) as exc:
             self.unavailable(S, "(d) apply capacity", exc, ">= 0.7")
         self._cluster_drain_row(src, api, benchmark, out.get("drain", {}).get("rate"))
+        self._cluster_source_drain_row(api, nreq, out.get("drain", {}).get("rate"))
 
         # (c) a paced mixed load: view lag_ms and end-to-end lag, with a native replica too
         rate = 50_000
