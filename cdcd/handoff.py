@@ -39,9 +39,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import hiredis
+
 from . import crossslot as cs
-from .entry import COMMAND, RESTORE, Batch
+from .entry import COMMAND, RAW, RESTORE, Batch
 from .errors import EndpointError, FatalTaskError
+from .readers.psync import RAW_UNGATED
 from .resp import Connection, ServerReplyError, parse_info
 from .spec import Endpoint
 from .topology import SLOTS, Addr, key_slot
@@ -75,6 +78,15 @@ def entry_slots(entry: tuple[Any, ...]) -> list[int]:
         return cs.slots_of(args)
     if kind == RESTORE:
         return [key_slot(entry[2])]
+    if kind == RAW:
+        reader = hiredis.Reader()
+        for segment in entry[2]:
+            reader.feed(segment)
+        out: list[int] = []
+        while (args := reader.gets()) is not False:
+            if isinstance(args, list) and args and args[0].lower() not in RAW_UNGATED:
+                out += entry_slots((COMMAND, 0, args))
+        return out
     return []
 
 
@@ -91,7 +103,9 @@ class _Unit:
         self._slots: set[int] | None = None
 
     def slots(self) -> set[int] | None:
-        """The slots it touches (None: any, an RDB's part)."""
+        """The slots it touches (None: any, an RDB's part). Asked only of units a held
+        unit of another shard may wait for: the source's bytes forwarded as they are
+        (RAW) are parsed here, then."""
         if self.batch is None or self.offset < 0:
             return None
         if self._slots is None:

@@ -198,7 +198,7 @@ class ShardState:
         if h is None:
             return {}
         return {"slot_handoff_waits": h.waits.get(self.key, 0),
-                "waiting_for_shard": h.waiting.get(self.key, "")}
+                "waiting_for_shards": sorted(h.waiting.get(self.key, ()))}
 
 
 async def run_sharded(task: Task, topology: Topology, target: Connection,
@@ -352,9 +352,10 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                              rdb_only=not spec.incremental, resync=redo,
                              on_full_sync=on_full_sync, on_stream=on_stream,
                              after_rdb=after_rdb, plan=task.plan,
-                             parse=router is not None or handoff is not None)
+                             parse=router is not None or task.parse_shards)
         reader.name = f"source shard {st.node.name} (slots {st.shard.slots_text()})"
         reader.gate, reader.shard = handoff, key
+        reader.parse_next_time = task.parse_shards_from_now_on
         reader.rdb_batch = SHARD_RDB_BATCH
         st.reader = reader
         return reader

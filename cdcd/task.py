@@ -116,6 +116,9 @@ class Task:
         self._dirty = False
         self.topology: Topology | None = None    # a cluster target's shape, else None
         self.shard_states: dict[str, Any] = {}    # a cluster source's shards (shards.py)
+        # A cluster source's streams are forwarded raw into a standalone target unless a
+        # transaction had to wait for another shard (shards.py): then parsed from then on.
+        self.parse_shards = False
         mb = spec.bandwidth_limit_mb
         # One bucket for every pipeline of the task, re-rated in place by ``update``.
         self.bandwidth = TokenBucket(mb * 1_000_000 if mb else None)
@@ -388,6 +391,9 @@ class Task:
             target.close()
             while self._closers:
                 self._closers.pop()()
+
+    def parse_shards_from_now_on(self) -> None:
+        self.parse_shards = True
 
     async def _run_cluster_source(self, topology: Topology, target: Connection,
                                   restarted: bool) -> None:

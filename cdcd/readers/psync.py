@@ -94,6 +94,8 @@ STREAM_SPECIAL = frozenset((b"select", b"publish", b"ping", b"replconf", b"multi
 
 # Commands CommandFilter.apply may rewrite even when it filters nothing.
 NEEDS_FILTER = frozenset((b"flushall", b"swapdb", b"move", b"copy"))
+# Commands of the stream without keys: never held (handoff.py) when forwarded raw.
+RAW_UNGATED = frozenset((b"select", b"ping", b"replconf", b"multi", b"exec", b"publish"))
 
 
 def command_size(args: list[bytes]) -> int:
@@ -151,6 +153,9 @@ class PsyncReader:
         # A cluster source resharded while it runs (handoff.py): asked before each command
         # and RDB record of this shard (``shard``) whose slot moved lately.
         self.gate: Handoff | None = None
+        # Called before a raw stream gives up on a transaction it must hold: the next
+        # attempt parses every command (only parsed transactions are held whole).
+        self.parse_next_time: Callable[[], None] = lambda: None
         # A snapshot batch ends at this many entries or bytes. The shards of a cluster
         # source share one event loop: smaller batches keep each writer step short, and
         # the API answering while they run (the benchmark's API p99 row).
@@ -505,6 +510,35 @@ class PsyncReader:
             begin = offset
             offset += command_size(args)
             name = args[0].lower()
+            if raw and self.shard and (name == b"flushall" or name == b"flushdb"):
+                raise self._flush_refused(name)
+            if raw and gate is not None and name not in RAW_UNGATED and \
+                    not gate.clear_command(self.shard, args, offset):
+                if in_multi is not None:
+                    # (a transaction held whole needs its commands parsed: next time)
+                    self.parse_next_time()
+                    raise EndpointError(f"{self.name}: a transaction in a slot moving "
+                                        f"between shards: reading the shards command by "
+                                        f"command from now on")
+                # The run of forwarded bytes ends before this command, which goes on its
+                # own, held until the slot's previous owner is ahead of it (handoff.py).
+                if span < begin:
+                    pieces.append((span, begin))
+                entries = self._raw_entry(buf, start, pieces, start_db, replies, ops, self.db)
+                del buf[:offset - start]
+                self.offset = begin
+                self.data_offset = data_end
+                await self._emit(out, entries)
+                if name == b"restore-asking":
+                    args = [b"RESTORE", *args[1:]]
+                elif name == b"eval" or name == b"evalsha" or name == b"script":
+                    args = self._script(args)
+                pieces, span, replies, ops, start_db = [], offset, 0, 0, self.db
+                self.offset = start = offset
+                self.data_offset = data_end = offset
+                await self._emit(out, [(COMMAND, self.db, args, offset)], held=True)
+                entries = []
+                continue
             if raw and name not in STREAM_SPECIAL:
                 ops += 1            # forwarded as the source sent it
                 replies += 1
@@ -556,11 +590,7 @@ class PsyncReader:
                 continue
             else:
                 if self.shard and (name == b"flushall" or name == b"flushdb"):
-                    raise FatalTaskError(
-                        f"{self.name}: {name.decode().upper()} on one shard of the source "
-                        f"cluster: applied on the target it would also empty the other "
-                        f"shards' keys, and cdcd does not yet empty one shard's slots alone; "
-                        f"resync the task to copy the source again")
+                    raise self._flush_refused(name)
                 held = False
                 if gate is not None and not gate.clear_command(self.shard, args, offset):
                     if in_multi is not None:
@@ -599,6 +629,13 @@ class PsyncReader:
                 if span < begin:
                     pieces.append((span, begin))
                 span = offset
+
+    def _flush_refused(self, name: bytes) -> FatalTaskError:
+        return FatalTaskError(
+            f"{self.name}: {name.decode().upper()} on one shard of the source cluster: "
+            f"applied on the target it would also empty the other shards' keys, and cdcd "
+            f"does not yet empty one shard's slots alone; resync the task to copy the "
+            f"source again")
 
     @staticmethod
     def _raw_entry(buf: bytearray, start: int, pieces: list[tuple[int, int] | bytes],
