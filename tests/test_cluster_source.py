@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from cdcd.markers import slot_tags
+
 from .cluster import running_cluster
 from .compare import assert_counters_and_lists, assert_same, diff
 from .daemon import Daemon
@@ -484,3 +486,32 @@ def test_a_valkey_cluster_into_an_older_redis(servers: Any, daemon: Daemon) -> N
         exact(cluster, dst)
         view = daemon.task("down")
         assert view["write_mode"]["mode"] == "rewrite", view["write_mode"]
+
+
+def test_a_transaction_in_a_slot_being_imported(servers: Any, daemon: Daemon) -> None:
+    """A MULTI/EXEC on the master importing a slot (ASKING first): held whole until the
+    slot's owner is ahead of it; the shards' bytes, forwarded raw until then, are parsed
+    command by command from then on."""
+    dst = servers()
+    with running_cluster("redis7", replicas=0, args=BACKLOG) as cluster:
+        fill_cluster(cluster.client(), 1000)
+        daemon.ok("create", inc_spec(cluster, dst, task_id="tx"))
+        wait_for(lambda: daemon.task("tx")["phase"] == "incremental", 60, what="streaming")
+        a, b = cluster.masters[0], cluster.masters[1]
+        slot = 10
+        key = b"{" + slot_tags()[slot] + b"}:tx"
+        b.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", cluster.node_id(a))
+        a.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", cluster.node_id(b))
+        conn = b.client().connection_pool.get_connection()
+        for i in range(5):
+            for cmd in (["ASKING"], ["MULTI"], ["SET", key, i], ["APPEND", key, "+"],
+                        ["EXEC"]):
+                conn.send_command(*cmd)
+                conn.read_response()
+        cluster.move_slots(a, b, range(slot, slot + 1))
+        Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists",
+             max_ops=2000).run_all()
+        caught_up(daemon, "tx", cluster)
+        exact(cluster, dst)
+        assert dst.client().get(key) == b"4+"
+        assert "command by command" in daemon.log.read_text()
