@@ -783,21 +783,27 @@ class Bench:
             drain = time.perf_counter() - t0
             rate = (view()["ops_applied"] - ops0) / drain
             api.ok("delete", {"task_id": task_id})
-            self.results["incremental"]["cluster_drain"] = {"rate": rate, "seconds": drain}
-            ratio = rate / standalone_rate if standalone_rate else None
-            self.row(S, metric, (f"{ratio:.2f} " if ratio else "") + f"({fmt_rate(rate)} over "
-                     f"{fmt_s(drain)})", ">= 0.7", verdict(bool(ratio and ratio >= 0.7)))
+            self._drain_row(metric, "cluster_drain", rate, drain, standalone_rate)
         except (NotAvailable, TimeoutError, AssertionError) as exc:
             self.unavailable(S, metric, exc, ">= 0.7")
         finally:
             if cluster is not None:
                 cluster.stop()
 
+    def _drain_row(self, metric: str, key: str, rate: float, drain: float,
+                   standalone_rate: float | None) -> None:
+        """A drain's rate as a ratio to the standalone (d) drain's."""
+        self.results["incremental"][key] = {"rate": rate, "seconds": drain}
+        ratio = rate / standalone_rate if standalone_rate else None
+        self.row("incremental", metric, (f"{ratio:.2f} " if ratio else "") +
+                 f"({fmt_rate(rate)} over {fmt_s(drain)})", ">= 0.7",
+                 verdict(bool(ratio and ratio >= 0.7)))
+
     def _cluster_source_drain_row(self, api: Api, nreq: int,
                                   standalone_rate: float | None) -> None:
         """(f) The (d) drain from a 3-master cluster source into a standalone target:
-        three psync links, each command parsed (slots moving between shards are ordered),
-        as a ratio to the standalone source's rate."""
+        three psync links, each command looked at for its slot (slots moving between
+        shards are ordered), as a ratio to the standalone source's rate."""
         S = "incremental"
         metric = "(f) apply capacity from a 3-shard cluster source / standalone source"
         cluster = None
@@ -836,11 +842,7 @@ class Bench:
             drain = time.perf_counter() - t0
             rate = (view()["incremental"]["ops_applied"] - ops0) / drain
             api.ok("delete", {"task_id": task_id})
-            self.results["incremental"]["cluster_source_drain"] = {"rate": rate,
-                                                                   "seconds": drain}
-            ratio = rate / standalone_rate if standalone_rate else None
-            self.row(S, metric, (f"{ratio:.2f} " if ratio else "") + f"({fmt_rate(rate)} over "
-                     f"{fmt_s(drain)})", ">= 0.7", verdict(bool(ratio and ratio >= 0.7)))
+            self._drain_row(metric, "cluster_source_drain", rate, drain, standalone_rate)
         except (NotAvailable, TimeoutError, AssertionError) as exc:
             self.unavailable(S, metric, exc, ">= 0.7")
         finally:
