@@ -44,6 +44,7 @@ import hiredis
 from . import crossslot as cs
 from .entry import COMMAND, RAW, RESTORE, Batch
 from .errors import EndpointError, FatalTaskError
+from .markers import _ranges
 from .readers.psync import RAW_UNGATED
 from .resp import Connection, ServerReplyError, parse_info
 from .spec import Endpoint
@@ -341,7 +342,7 @@ class Handoff:
                 self.moved.setdefault(slot, []).append((prev, fence))
                 fences[slot] = (prev, fence)
             log.info("source slots %s moved from shard %s to shard(s) %s; their new owners' "
-                     "events there wait for shard %s's up to offset %d", _ranges(slots),
+                     "events there wait for shard %s's up to offset %d", _ranges(slots)[:200],
                      prev, ",".join(sorted({owner[s] for s in slots})), prev, fence)
         self.owner[:] = owner
         self._settle()
@@ -352,9 +353,6 @@ class Handoff:
         """Every second (the slot map's poll): settle what is past."""
         if self.moved:
             self._settle()
-
-    def to_json(self) -> dict[str, Any]:
-        return {str(s): [list(h) for h in hist] for s, hist in self.moved.items()}
 
     @staticmethod
     def moved_from_json(d: Mapping[str, Any] | None) -> dict[int, list[tuple[str, int]]]:
@@ -414,6 +412,6 @@ class Handoff:
         self._conns.clear()
 
 
-def _ranges(slots: list[int]) -> str:
-    from .markers import _ranges as ranges
-    return ranges(slots)[:200]
+def moved_json(moved: Mapping[int, list[tuple[str, int]]]) -> dict[str, Any]:
+    """Moved slots' histories as the checkpoint keeps them (``moved_from_json``)."""
+    return {str(s): [list(step) for step in hist] for s, hist in moved.items() if hist}

@@ -24,12 +24,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .entry import Batch
 from .errors import EndpointError, TopologyChanged
-from .handoff import Handoff
+from .handoff import Handoff, moved_json
 from .markers import SlotMarkers, _ranges
 from .progress import Progress
 from .readers.psync import PsyncReader, StreamPos, key_hash
@@ -95,15 +95,17 @@ def _slots(shard: Shard) -> set[int]:
     return {s for a, b in shard.ranges for s in range(a, b + 1)}
 
 
+def _range_slots(fields: Iterable[str]) -> Iterator[int]:
+    """The slots of ranges written "a-b" or "a" (the checkpoint's, CLUSTER NODES')."""
+    for field in fields:
+        a, _, b = field.partition("-")
+        yield from range(int(a), int(b or a) + 1)
+
+
 def _owner_by_key(d: dict[str, str] | None) -> dict[str, list[int]]:
     """The checkpoint's slot map (shard key -> "0-5460,...") as key -> slots."""
-    out: dict[str, list[int]] = {}
-    for key, text in (d or {}).items():
-        slots = out.setdefault(key, [])
-        for part in filter(None, str(text).split(",")):
-            a, _, b = part.partition("-")
-            slots.extend(range(int(a), int(b or a) + 1))
-    return out
+    return {key: list(_range_slots(filter(None, str(text).split(","))))
+            for key, text in (d or {}).items()}
 
 
 def owner_list(by_key: dict[str, Any]) -> list[str]:
@@ -240,7 +242,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         for st in states.values():
             st.handoff = handoff
         task.checkpoint["shard_slots"] = owner_json(owner)
-        task.checkpoint["moved"] = handoff.to_json()
+        task.checkpoint["moved"] = moved_json(handoff.moved)
     resumes: dict[str, StreamPos | None] = {}
     shard_forced: dict[str, str] = dict(task.checkpoint.get("shard_resync") or {})
     router: ClusterRouter | None = None
@@ -384,7 +386,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
                 h[:] = [(p, f) for p, f in h if p != pos.shard or pos.offset < f]
                 if not h:
                     del durable[slot]
-            task.checkpoint["moved"] = _moved_json(durable)
+            task.checkpoint["moved"] = moved_json(durable)
         task._dirty = True
         _aggregate(task, states)
 
@@ -410,9 +412,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         now = await _read_owner(conn, states)
         if handoff is None:
             if now != owner:
-                moved = [s for s in range(SLOTS) if now[s] != owner[s]]
-                raise EndpointError(f"the source was resharded while its snapshot was read "
-                                    f"(slots {_ranges(moved)[:100]} moved): copying again")
+                raise _copy_again(owner, now, "its snapshot was read")
             return
         handoff.tick()
         if now == handoff.owner:
@@ -424,7 +424,7 @@ async def run_sharded(task: Task, topology: Topology, target: Connection,
         for key, st in states.items():
             st.slots = frozenset(s for s in range(SLOTS) if now[s] == key)
         task.checkpoint["shard_slots"] = owner_json(now)
-        task.checkpoint["moved"] = _moved_json(durable)
+        task.checkpoint["moved"] = moved_json(durable)
         task._dirty = True
 
     try:
@@ -483,8 +483,12 @@ async def _poll(task: Task, states: dict[str, ShardState],
             conn.close()
 
 
-def _moved_json(moved: dict[int, list[tuple[str, int]]]) -> dict[str, Any]:
-    return {str(s): [list(step) for step in h] for s, h in moved.items() if h}
+def _copy_again(owner: list[str], now: list[str], while_: str) -> EndpointError:
+    """A full copy's source resharded under it: its shards' copies were taken at different
+    moments, so a key moving between them could be missed."""
+    moved = [s for s in range(SLOTS) if now[s] != owner[s]]
+    return EndpointError(f"the source was resharded while {while_} (slots "
+                         f"{_ranges(moved)[:100]} moved): copying again")
 
 
 def _offset(raw: dict[str, Any] | None) -> int:
@@ -513,10 +517,8 @@ async def _read_owner(conn: Connection, states: dict[str, ShardState]) -> list[s
                                   f"{','.join(ranges)[:80]} and is new to the task (a "
                                   f"failover, or a master added): the shards' readers "
                                   f"start again from their checkpoints")
-        for field in ranges:
-            a, _, b = field.partition("-")
-            for slot in range(int(a), int(b or a) + 1):
-                owner[slot] = key
+        for slot in _range_slots(ranges):
+            owner[slot] = key
     return owner
 
 
@@ -612,9 +614,7 @@ async def run_sharded_scan(task: Task, topology: Topology, target: Connection) -
         now = await _read_owner(conn, states)    # (a master new to the task: restart)
         if now != owner and not spec.incremental:
             ck.clear()
-            moved = [s for s in range(SLOTS) if now[s] != owner[s]]
-            raise EndpointError(f"the source was resharded while its masters were scanned "
-                                f"(slots {_ranges(moved)[:100]} moved): copying again")
+            raise _copy_again(owner, now, "its masters were scanned")
 
     task.set_phase("snapshot")
     if spec.incremental:
