@@ -470,6 +470,7 @@ class PsyncReader:
         multi_at = multi_data = 0       # where a MULTI began, data_end before it
         multi_held = False              # a command of the MULTI waits (handoff.py)
         gate = self.gate
+        shard = self.shard              # a cluster source's shard: no FLUSHALL of its own
         data_end = self.data_offset
         flt = self.filter
         beat = self.heartbeat_channel
@@ -510,7 +511,7 @@ class PsyncReader:
             begin = offset
             offset += command_size(args)
             name = args[0].lower()
-            if raw and self.shard and (name == b"flushall" or name == b"flushdb"):
+            if shard and (name == b"flushall" or name == b"flushdb"):
                 raise self._flush_refused(name)
             if raw and gate is not None and name not in RAW_UNGATED and \
                     not gate.clear_command(self.shard, args, offset):
@@ -589,8 +590,6 @@ class PsyncReader:
                         span = offset
                 continue
             else:
-                if self.shard and (name == b"flushall" or name == b"flushdb"):
-                    raise self._flush_refused(name)
                 held = False
                 if gate is not None and not gate.clear_command(self.shard, args, offset):
                     if in_multi is not None:
