@@ -48,6 +48,13 @@ class Batch:
         self.keys = keys
 
 
+def restore_entry(db: int, key: bytes, rdb_type: int, payload: bytes, expire_ms: int,
+                  idle: int | None, freq: int | None) -> Entry:
+    """Build the writer's RESTORE entry straight from an RDB record (the splitter's
+    ``key_record``)."""
+    return (RESTORE, db, key, expire_ms if expire_ms > 0 else 0, payload)
+
+
 # A string's DUMP payload: type 0, the RDB string, a 2-byte RDB version, CRC64. The string
 # encoding has not changed since DUMP exists, so version 6 (Redis 2.6) loads everywhere.
 _crc64 = anycrc.Model("CRC64-REDIS").calc

@@ -72,6 +72,8 @@ def serve(args: argparse.Namespace) -> int:
     # The pipelines allocate millions of short-lived tuples and lists that never form
     # cycles; the default thresholds (700 allocations) make the collector run thousands
     # of times a second under load. Cycles are still collected, just less often.
+    from .readers import splitproc
+    splitproc.max_helpers = cfg.rdb_processes
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     return asyncio.run(run(app, cfg))

@@ -288,6 +288,38 @@ class RdbSplitter:
             raise
         return out
 
+    # --- going on in another process (readers/splitproc.py) ---
+
+    _CALLBACKS = ("_want", "_new_record")
+
+    def suspend(self) -> dict[str, Any] | None:
+        """Return the splitter's state as plain picklable data, for :meth:`resume` in
+        another process to go on exactly where this one stopped; None while that cannot be
+        (a value half parsed, a big value's window pending, the RDB already complete): try
+        again after the next feed. The callbacks (``want``, ``key_record``) are not part of
+        it; whoever resumes gives them again."""
+        if (self._gen is not None or self._big is not None or self._pending is not None
+                or self._error is not None or self.done or self._rest):
+            return None
+        if self._pos:
+            self._update_crc(self._pos)
+            del self._buf[:self._pos]
+            self._base += self._pos
+            self._crc_pos -= self._pos
+            self._pos = 0
+        return {k: v for k, v in vars(self).items() if k not in self._CALLBACKS}
+
+    @classmethod
+    def resume(cls, state: dict[str, Any], *, want: Want | None = None,
+               key_record: Callable[[int, bytes, int, bytes, int, int | None, int | None],
+                                    Any] | None = None) -> RdbSplitter:
+        """A splitter going on from :meth:`suspend`'s state, with these callbacks."""
+        self = cls.__new__(cls)
+        vars(self).update(state)
+        self._want = want
+        self._new_record = key_record or KeyRecord
+        return self
+
     # --- internals ---
 
     def _describe(self) -> str:

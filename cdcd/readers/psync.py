@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 
 from ..compat import RESTORE_PLAN, CommandRefused, WritePlan, translate
-from ..entry import COMMAND, RAW, RESTORE, Batch, Entry
+from ..entry import COMMAND, RAW, RESTORE, STRINGS, Batch, Entry, restore_entry, string_payload
 from ..errors import EndpointError, FatalTaskError
 from ..progress import Progress
 from ..rdb import (
@@ -39,6 +39,7 @@ from ..topology import key_slot
 from .bigkey import BIG_VALUE_BYTES, CHUNK_BYTES, CHUNK_ELEMENTS, BigKey
 from .keys import CommandFilter
 from .rewrite import Rewriter
+from .splitproc import RdbFeed
 
 if TYPE_CHECKING:
     from ..handoff import Handoff
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdcd.reader.psync")
 
 READ_CHUNK = 1 << 18
-RDB_SLICE = 1 << 14
 BATCH_ENTRIES = 2048
 BATCH_BYTES = 1 << 20
 # A stream read shorter than this waits COALESCE_S before the next read.
@@ -321,85 +321,82 @@ class PsyncReader:
         entries: list[Entry] = []
         nbytes = 0
         seen: set[int] | None = set() if self.resyncing else None
+        feed = RdbFeed(self, conn, splitter, remaining, flt, rewriter is not None)
         try:
-            while not splitter.done:
-                # Slices of RDB_SLICE, each a turn of the event loop: neither read() of
-                # buffered data nor put() into a queue with room yields, and the API (and
-                # a cluster's other shards) must get their turn every millisecond or so.
-                await asyncio.sleep(0)
-                data = await self._read(conn, RDB_SLICE)
-                if remaining >= 0:
-                    if len(data) > remaining:
-                        self._buf = data[remaining:]
-                        data = data[:remaining]
-                    remaining -= len(data)
-                # Key records are entry tuples here (key_record=restore_entry).
-                records: list[Any] = splitter.feed(data)
-                while True:
-                    for rec in records:
-                        if gate is not None and type(rec) is not BigValueChunk:
-                            key = rec[2] if type(rec) is tuple else getattr(rec, "key", None)
-                            if key is not None and \
-                                    not gate.clear(self.shard, key_slot(key), self.offset):
-                                # a key in a slot moving between shards: held (handoff.py)
-                                if entries:
-                                    await out.put(Batch(entries, None, nbytes, len(entries)))
-                                    entries, nbytes = [], 0
-                                held = True
-                        if type(rec) is tuple:     # (RESTORE, db, key, expire_ms, payload)
-                            entries.append(rec)
-                            nbytes += len(rec[4])
-                            if seen is not None:
-                                seen.add(key_hash(rec[1], rec[2]))
-                        elif type(rec) is BigValueChunk:
-                            assert big is not None
-                            nbytes += big.add_chunk(rec.items, entries)
-                        elif type(rec) is KeyRecord:
-                            assert rewriter is not None
-                            nbytes += rewriter.snapshot_key(rec.db, rec.key, rec.rdb_type,
-                                                            rec.payload, rec.expire_ms,
-                                                            self.replace, entries)
-                            if seen is not None:
-                                seen.add(key_hash(rec.db, rec.key))
-                        elif isinstance(rec, FunctionRecord):
-                            if spec.functions == "skip":
-                                continue
-                            entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE",
-                                                         rec.code]))
-                        elif isinstance(rec, BigValueStart):
-                            if seen is not None:
-                                seen.add(key_hash(rec.db, rec.key))
-                            big = BigKey(rec.db, rec.key, rec.kind, task_id=spec.task_id,
-                                         replace=self.replace, size=rec.size,
-                                         chunk_bytes=self.chunk_bytes,
-                                         chunk_elements=self.chunk_elements,
-                                         stream_counters=self.plan.stream_counters)
-                            big_expire = max(rec.expire_ms, 0)
-                            nbytes += big.begin(entries)
-                        elif isinstance(rec, BigValueEnd):
-                            assert big is not None
-                            nbytes += big.finish(big_expire, entries, rec.stream)
-                            self._big_copied(big)
-                            # Send the tail now: the batch with the stream position is wrapped
-                            # in the writer's MULTI, and the tail may hold a MULTI of its own.
-                            await out.put(Batch(entries, None, nbytes, len(entries)))
-                            entries, nbytes, big = [], 0, None
-                        if held:
-                            # the held key alone, so that what follows is not held with it
-                            await out.put(Batch(entries, None, nbytes, len(entries)),  # type: ignore[call-arg]
-                                          True, self.read_at)
-                            entries, nbytes, held = [], 0, False
-                    if len(entries) >= self.rdb_batch[0] or nbytes >= self.rdb_batch[1]:
+            while (records := await feed.next()) is not None:
+                # Key records are entry tuples here (key_record=restore_entry), and a
+                # helper's plain strings STRINGS entries (splitproc.py).
+                if gate is not None:
+                    records = self._strings_clear(records, gate)
+                for rec in records:
+                    if type(rec) is tuple and rec[0] == STRINGS:
+                        entries.append(rec)
+                        nbytes += rec[4]
+                        if seen is not None:
+                            pairs = rec[2]
+                            for i in range(0, len(pairs), 2):
+                                seen.add(key_hash(rec[1], pairs[i]))
+                        continue
+                    if gate is not None and type(rec) is not BigValueChunk:
+                        key = rec[2] if type(rec) is tuple else getattr(rec, "key", None)
+                        if key is not None and \
+                                not gate.clear(self.shard, key_slot(key), self.offset):
+                            # a key in a slot moving between shards: held (handoff.py)
+                            if entries:
+                                await out.put(Batch(entries, None, nbytes, len(entries)))
+                                entries, nbytes = [], 0
+                            held = True
+                    if type(rec) is tuple:     # (RESTORE, db, key, expire_ms, payload)
+                        entries.append(rec)
+                        nbytes += len(rec[4])
+                        if seen is not None:
+                            seen.add(key_hash(rec[1], rec[2]))
+                    elif type(rec) is BigValueChunk:
+                        assert big is not None
+                        nbytes += big.add_chunk(rec.items, entries)
+                    elif type(rec) is KeyRecord:
+                        assert rewriter is not None
+                        nbytes += rewriter.snapshot_key(rec.db, rec.key, rec.rdb_type,
+                                                        rec.payload, rec.expire_ms,
+                                                        self.replace, entries)
+                        if seen is not None:
+                            seen.add(key_hash(rec.db, rec.key))
+                    elif isinstance(rec, FunctionRecord):
+                        if spec.functions == "skip":
+                            continue
+                        entries.append((COMMAND, 0, [b"FUNCTION", b"LOAD", b"REPLACE",
+                                                     rec.code]))
+                    elif isinstance(rec, BigValueStart):
+                        if seen is not None:
+                            seen.add(key_hash(rec.db, rec.key))
+                        big = BigKey(rec.db, rec.key, rec.kind, task_id=spec.task_id,
+                                     replace=self.replace, size=rec.size,
+                                     chunk_bytes=self.chunk_bytes,
+                                     chunk_elements=self.chunk_elements,
+                                     stream_counters=self.plan.stream_counters)
+                        big_expire = max(rec.expire_ms, 0)
+                        nbytes += big.begin(entries)
+                    elif isinstance(rec, BigValueEnd):
+                        assert big is not None
+                        nbytes += big.finish(big_expire, entries, rec.stream)
+                        self._big_copied(big)
+                        # Send the tail now: the batch with the stream position is wrapped
+                        # in the writer's MULTI, and the tail may hold a MULTI of its own.
                         await out.put(Batch(entries, None, nbytes, len(entries)))
-                        entries, nbytes = [], 0
-                    if not splitter.backlog:
-                        break
-                    records = splitter.feed(b"")  # a big value: its next window
-                if remaining == 0 and not splitter.done:
-                    raise EndpointError(f"{self.name}: RDB ended before its EOF opcode")
+                        entries, nbytes, big = [], 0, None
+                    if held:
+                        # the held key alone, so that what follows is not held with it
+                        await out.put(Batch(entries, None, nbytes, len(entries)),  # type: ignore[call-arg]
+                                      True, self.read_at)
+                        entries, nbytes, held = [], 0, False
+                if len(entries) >= self.rdb_batch[0] or nbytes >= self.rdb_batch[1]:
+                    await out.put(Batch(entries, None, nbytes, len(entries)))
+                    entries, nbytes = [], 0
         except RdbError as exc:
             raise FatalTaskError(f"{self.name}: cannot parse the RDB: {exc}") from exc
-        rest = splitter.take_rest() + self._buf
+        finally:
+            await feed.close()
+        rest = feed.take_rest() + self._buf
         if eof_mark is not None:
             while len(rest) < 40:
                 rest += await self._read(conn)
@@ -407,7 +404,7 @@ class PsyncReader:
                 raise EndpointError(f"{self.name}: diskless RDB did not end with its EOF mark")
             rest = rest[40:]
         self._buf = rest
-        self.progress.keys_total = max(self.progress.keys_total, splitter.keys_seen)
+        self.progress.keys_total = max(self.progress.keys_total, feed.keys_seen)
         self.data_offset = self.offset
         pos = StreamPos(replid=self.replid, offset=self.offset, db=0, data=self.offset)
         if rewriter is not None and entries:
@@ -718,16 +715,25 @@ class PsyncReader:
             # No heartbeat seen (PUBLISH refused): time from reading a batch to applying it.
             self.progress.lag_ms = (now - batch[1]) * 1000
 
+    def _strings_clear(self, records: list[Any], gate: Handoff) -> list[Any]:
+        """``records`` with each STRINGS entry holding a key of a slot moving between shards
+        (held, handoff.py) turned back into a RESTORE per key, which the gate can hold."""
+        out: list[Any] = []
+        for rec in records:
+            if type(rec) is tuple and rec[0] == STRINGS:
+                db, pairs = rec[1], rec[2]
+                if not all(gate.clear(self.shard, key_slot(pairs[i]), self.offset)
+                           for i in range(0, len(pairs), 2)):
+                    out += [(RESTORE, db, pairs[i], 0, string_payload(pairs[i + 1]))
+                            for i in range(0, len(pairs), 2)]
+                    continue
+            out.append(rec)
+        return out
+
     def _beat(self, payload: bytes) -> None:
         nonce, _, stamp = payload.partition(b" ")
         if nonce == self.nonce and stamp.isdigit():
             self.heartbeats.append((self.offset, int(stamp) / 1e9))
-
-
-def restore_entry(db: int, key: bytes, rdb_type: int, payload: bytes, expire_ms: int,
-                  idle: int | None, freq: int | None) -> Entry:
-    """Build the writer's RESTORE entry straight from an RDB record."""
-    return (RESTORE, db, key, expire_ms if expire_ms > 0 else 0, payload)
 
 
 def key_hash(db: int, key: bytes) -> int:

@@ -21,7 +21,8 @@ from ..progress import Progress
 from ..rdb import SUPPORTED_VERSIONS
 from ..resp import Connection
 from ..spec import TaskSpec
-from .psync import RDB_SLICE, PsyncReader
+from .psync import PsyncReader
+from .splitproc import RDB_SLICE
 
 log = logging.getLogger("cdcd.reader.rdbfile")
 
