@@ -108,10 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(name="log_format", kind=str, default="text", choices=("text", "json"),
             help="text lines, or one JSON object per line (ts, level, logger, msg, task_id, "
                  "exc)"),
-    Setting(name="rdb_processes", kind=int, default=4, lo=0, hi=256,
+    Setting(name="rdb_processes", kind=int, default=-1, lo=-1, hi=256,
             help="helper processes that may split source RDBs at once, each taking over "
-                 "one RDB once 8 MiB of it has been read (0: every RDB is split in the "
-                 "daemon's event loop)"),
+                 "one RDB once 1 MiB of it has been read; 0: every RDB is split in the "
+                 "daemon's event loop; -1: one per CPU beyond two"),
     Setting(name="tasks", kind=str, default="", path=True,
             help="tasks file (JSON) or directory of *.json files created at start-up, "
                  "idempotently by task_id"),
@@ -137,7 +137,7 @@ class Config:
     insecure_bind: bool = False
     log_level: str = "INFO"
     log_format: str = "text"
-    rdb_processes: int = 4
+    rdb_processes: int = -1
     tasks: str = ""
     # Where each setting not at its default came from ("CDCD_PORT", "--port", "/x.toml:
     # port"), and how strongly (FILE, ENV, FLAG).

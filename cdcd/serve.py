@@ -73,7 +73,10 @@ def serve(args: argparse.Namespace) -> int:
     # cycles; the default thresholds (700 allocations) make the collector run thousands
     # of times a second under load. Cycles are still collected, just less often.
     from .readers import splitproc
-    splitproc.max_helpers = cfg.rdb_processes
+    if cfg.rdb_processes >= 0:
+        splitproc.max_helpers = cfg.rdb_processes
+    log.info("RDB helper processes: up to %d at once (rdb_processes %d, %d CPUs)",
+             splitproc.max_helpers, cfg.rdb_processes, os.cpu_count() or 1)
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     return asyncio.run(run(app, cfg))

@@ -37,12 +37,21 @@ from .test_bigkeys import BIG_KEYS, copy, fill_big, renames
 
 Servers = Callable[..., RedisServer]
 HANDED = "RDB splitting goes on in helper process"
+# The default (-1) is one helper per CPU beyond two: none on a 2-core machine.
+HELPERS = {"CDCD_RDB_PROCESSES": "4"}
+
+
+@pytest.fixture
+def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
+    """A daemon that hands big RDBs to helpers, whatever the machine's CPUs."""
+    return daemon_factory(env=HELPERS)
 
 
 @pytest.fixture
 def small_handover(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Hand every RDB over after 64 KiB, waiting for the helper to be up."""
     monkeypatch.setattr(splitproc, "HANDOVER_BYTES", 64 << 10)
+    monkeypatch.setattr(splitproc, "max_helpers", 4)
     monkeypatch.setattr(RdbFeed, "wait_for_helper", True)
     yield
 
@@ -236,7 +245,7 @@ def test_kill_9_while_a_helper_splits(servers: Servers,
     src, dst = servers(), servers()
     c = src.client()
     fill_random(c, 100_000, 200)      # 20 MB, more than the pipeline holds
-    d = daemon_factory()
+    d = daemon_factory(env=HELPERS)
     d.ok("create", spec(src, dst, task_id="k9", bandwidth_limit_mb=4, reader="psync",
                         migration_method="incremental_migration"))
     wait_for(lambda: handovers(d) == 1, 60, what="the RDB handed over")
@@ -295,6 +304,15 @@ def test_rdb_processes_0_splits_in_the_daemon(servers: Servers,
     d.wait_state("zero", "Succeeded", timeout=60)
     assert handovers(d) == 0
     assert_same(src.client(), dst.client())
+    assert "RDB helper processes: up to 0 at once (rdb_processes 0" in d.log_text()
+
+
+def test_rdb_processes_default_is_one_per_cpu_beyond_two(
+        daemon_factory: Callable[..., Daemon]) -> None:
+    d = daemon_factory()
+    cpus = os.cpu_count() or 1
+    assert (f"RDB helper processes: up to {max(0, cpus - 2)} at once (rdb_processes -1, "
+            f"{cpus} CPUs)") in d.log_text()
 
 
 def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daemon: Daemon,
@@ -332,7 +350,6 @@ def test_binary_keys_and_dbs_through_a_helper(servers: Servers, daemon: Daemon) 
     assert handovers(daemon) == 1
     assert_same(c, dst.client())
     assert_same(src.client(3), dst.client(5))
-    assert os.environ.get("CDCD_RDB_PROCESSES") is None
 
 
 def test_pause_while_a_helper_splits(servers: Servers, daemon: Daemon) -> None:
