@@ -84,12 +84,12 @@ def fill_strings(server: RedisServer, n: int) -> None:
         p.execute()
 
 
-def fill_random(c: redis.Redis[bytes], n: int, size: int) -> None:
+def fill_random(c: redis.Redis[bytes], n: int, size: int, prefix: bytes = b"r:") -> None:
     """n strings of ``size`` random bytes (LZF cannot shrink them)."""
     rnd = random.Random(11)
     p = c.pipeline(transaction=False)
     for i in range(n):
-        p.set(b"r:%d" % i, rnd.randbytes(size))
+        p.set(b"%s%d" % (prefix, i), rnd.randbytes(size))
         if i % 2000 == 1999:
             p.execute()
     p.execute()
@@ -221,14 +221,14 @@ def test_resync_through_a_helper_removes_only_stale_keys(servers: Servers,
     came from the helper (plain strings joined into MSETs too) count as present."""
     src, dst = servers(), servers()
     c, d = src.client(), dst.client()
-    fill_bulk(c, 150_000, value_size=40)
+    fill_random(c, 50_000, 200)
     fill_strings(src, 300)
-    daemon.ok("create", spec(src, dst, task_id="rs", reader="psync",
+    daemon.ok("create", spec(src, dst, task_id="rs", reader="psync", bandwidth_limit_mb=16,
                              migration_method="incremental_migration"))
     wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="stream phase")
     assert handovers(daemon) == 1
     d.set(b"stale", b"only on the target")
-    d.delete(b"k:17")
+    d.delete(b"r:17")
     daemon.ok("resync", {"task_id": "rs"})
     wait_for(lambda: handovers(daemon) == 2, 60, what="the resync's RDB handed over")
     c.incr(b"after")
@@ -343,9 +343,10 @@ def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daem
 def test_binary_keys_and_dbs_through_a_helper(servers: Servers, daemon: Daemon) -> None:
     src, dst = servers("valkey8"), servers()
     c = src.client()
-    fill_bulk(c, 100_000, value_size=30, prefix=BIN)
+    fill_random(c, 40_000, 200, prefix=BIN)
     fill_strings(src, 500)
-    daemon.ok("create", spec(src, dst, task_id="bin", db_mapping={"3": 5}, reader="psync"))
+    daemon.ok("create", spec(src, dst, task_id="bin", db_mapping={"3": 5}, reader="psync",
+                             bandwidth_limit_mb=16))
     daemon.wait_state("bin", "Succeeded", timeout=60)
     assert handovers(daemon) == 1
     assert_same(c, dst.client())
@@ -356,7 +357,7 @@ def test_pause_while_a_helper_splits(servers: Servers, daemon: Daemon) -> None:
     """A reader stopped while its helper's output waits unread (the writer held back by a
     bandwidth limit) ends promptly, its helper too; resumed, the copy is exact."""
     src, dst = servers(), servers()
-    fill_random(src.client(), 100_000, 200)
+    fill_random(src.client(), 70_000, 200)
     daemon.ok("create", spec(src, dst, task_id="p", bandwidth_limit_mb=2, reader="psync",
                              migration_method="incremental_migration"))
     wait_for(lambda: handovers(daemon) == 1, 60, what="the RDB handed over")
