@@ -95,9 +95,30 @@ def fill_random(c: redis.Redis[bytes], n: int, size: int, prefix: bytes = b"r:")
     p.execute()
 
 
-def helper_pids() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if "cdcd.readers.splitproc" in " ".join(p.info["cmdline"] or [])]
+def helper_pids(parent: int | None = None) -> list[int]:
+    """The helper processes of ``parent`` (a daemon; this process by default)."""
+    try:
+        children = psutil.Process(parent).children()
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for p in children:
+        try:
+            if "cdcd.readers.splitproc" in " ".join(p.cmdline()):
+                out.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def alive(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False
 
 
 # --- the splitter's state, handed over -----------------------------------------------------
@@ -250,9 +271,11 @@ def test_kill_9_while_a_helper_splits(servers: Servers,
                         migration_method="incremental_migration"))
     wait_for(lambda: handovers(d) == 1, 60, what="the RDB handed over")
     time.sleep(0.5)
-    assert helper_pids()
+    assert d.proc is not None
+    helpers = helper_pids(d.proc.pid)
+    assert helpers
     d.kill()
-    wait_for(lambda: not helper_pids(), 10, what="the orphaned helper exiting")
+    wait_for(lambda: not alive(helpers), 10, what="the orphaned helper exiting")
     with Load(lambda db: src.client(db), dbs=(0,), kinds="counters+lists") as load:
         d.start()
         d.ok("update", {"task_id": "k9", "bandwidth_limit_mb": None})
@@ -285,8 +308,9 @@ def test_cluster_shards_each_get_a_helper_up_to_the_setting(
                             "migration_method": "incremental_migration"})
             wait_for(lambda: handovers(d) >= 1, 60, what="an RDB handed over")
             most = 0
+            assert d.proc is not None
             while d.task("cs")["phase"] != "incremental":
-                most = max(most, len(helper_pids()))
+                most = max(most, len(helper_pids(d.proc.pid)))
                 time.sleep(0.05)
             wait_for(lambda: load.ops > 1000, 30, what="writes during the stream")
         assert 1 <= most <= 2, most
@@ -337,7 +361,7 @@ def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daem
         assert said in view["reason"].lower(), view["reason"]
         daemon.ok("delete", {"task_id": name})
     assert handovers(daemon) == 2
-    assert not helper_pids()
+    assert daemon.proc is not None and not helper_pids(daemon.proc.pid)
 
 
 def test_binary_keys_and_dbs_through_a_helper(servers: Servers, daemon: Daemon) -> None:
@@ -362,10 +386,12 @@ def test_pause_while_a_helper_splits(servers: Servers, daemon: Daemon) -> None:
                              migration_method="incremental_migration"))
     wait_for(lambda: handovers(daemon) == 1, 60, what="the RDB handed over")
     time.sleep(0.5)
-    assert helper_pids()
+    assert daemon.proc is not None
+    helpers = helper_pids(daemon.proc.pid)
+    assert helpers
     daemon.ok("pause", {"task_id": "p"})
     daemon.wait_state("p", "Paused", timeout=10)
-    wait_for(lambda: not helper_pids(), 10, what="the helper ended")
+    wait_for(lambda: not alive(helpers), 10, what="the helper ended")
     daemon.ok("update", {"task_id": "p", "bandwidth_limit_mb": None})
     daemon.ok("resume", {"task_id": "p"})
     wait_for(lambda: daemon.task("p")["phase"] == "incremental", 90, what="stream phase")
