@@ -2,9 +2,12 @@
 
 In-process tests run the psync reader and the writer against real servers with the
 hand-over point lowered to 64 KiB (and the big-value threshold to 64 KiB, so big values
-cross the pipe window by window); daemon tests use the daemon's defaults on RDBs of a few
-MB: a resync's stale-key cleanup, a kill -9 while a helper works, a cluster source's
-shards, the rdb_processes setting and a corrupt or truncated RDB file.
+cross the pipe window by window); daemon tests use the daemon's 1 MiB hand-over point on
+RDBs of 12-20 MB of random values under a bandwidth limit of a few MB/s, so the reader
+is still reading when its helper comes up however busy the machine (a smaller RDB can be
+split whole in the event loop first): a resync's stale-key cleanup, a kill -9 and a pause
+while a helper works, a cluster source's shards, the rdb_processes setting, a corrupt or
+truncated RDB file.
 """
 
 from __future__ import annotations
@@ -242,9 +245,9 @@ def test_resync_through_a_helper_removes_only_stale_keys(servers: Servers,
     came from the helper (plain strings joined into MSETs too) count as present."""
     src, dst = servers(), servers()
     c, d = src.client(), dst.client()
-    fill_random(c, 50_000, 200)
+    fill_random(c, 70_000, 200)
     fill_strings(src, 300)
-    daemon.ok("create", spec(src, dst, task_id="rs", reader="psync", bandwidth_limit_mb=16,
+    daemon.ok("create", spec(src, dst, task_id="rs", reader="psync", bandwidth_limit_mb=4,
                              migration_method="incremental_migration"))
     wait_for(lambda: daemon.task("rs")["phase"] == "incremental", 60, what="stream phase")
     assert handovers(daemon) == 1
@@ -304,7 +307,7 @@ def test_cluster_shards_each_get_a_helper_up_to_the_setting(
         d = daemon_factory(env={"CDCD_RDB_PROCESSES": "2"})
         with Load(lambda db: cluster.client(), dbs=(0,), kinds="counters+lists") as load:
             d.ok("create", {"task_id": "cs", "source": {"addrs": cluster.addrs},
-                            "target": endpoint(dst), "bandwidth_limit_mb": 8,
+                            "target": endpoint(dst), "bandwidth_limit_mb": 4,
                             "migration_method": "incremental_migration"})
             wait_for(lambda: handovers(d) >= 1, 60, what="an RDB handed over")
             most = 0
@@ -344,7 +347,7 @@ def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daem
     """The helper's parse error fails the task naming it; a file ending early too."""
     src, dst = servers(), servers()
     c = src.client()
-    fill_random(c, 150_000, 100)
+    fill_random(c, 60_000, 200)
     c.save()
     data = (Path(src.dir) / "dump.rdb").read_bytes()
     assert len(data) > 3 * splitproc.HANDOVER_BYTES
@@ -356,7 +359,7 @@ def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daem
     short.write_bytes(data[:len(data) * 19 // 20])
     for name, path, said in (("corrupt", corrupt, "checksum"), ("short", short, "truncated")):
         daemon.ok("create", {"task_id": name, "source": {"rdb_file": str(path)},
-                             "target": endpoint(dst)})
+                             "target": endpoint(dst), "bandwidth_limit_mb": 4})
         view = daemon.wait_state(name, "Failed", timeout=60)
         assert said in view["reason"].lower(), view["reason"]
         daemon.ok("delete", {"task_id": name})
@@ -367,10 +370,10 @@ def test_corrupt_and_truncated_rdb_files_through_a_helper(servers: Servers, daem
 def test_binary_keys_and_dbs_through_a_helper(servers: Servers, daemon: Daemon) -> None:
     src, dst = servers("valkey8"), servers()
     c = src.client()
-    fill_random(c, 40_000, 200, prefix=BIN)
+    fill_random(c, 70_000, 200, prefix=BIN)
     fill_strings(src, 500)
     daemon.ok("create", spec(src, dst, task_id="bin", db_mapping={"3": 5}, reader="psync",
-                             bandwidth_limit_mb=16))
+                             bandwidth_limit_mb=4))
     daemon.wait_state("bin", "Succeeded", timeout=60)
     assert handovers(daemon) == 1
     assert_same(c, dst.client())

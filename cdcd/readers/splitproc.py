@@ -8,9 +8,11 @@ core. So once an RDB has gone past ``HANDOVER_BYTES``, the reader starts a helpe
 state at the next key boundary (``RdbSplitter.suspend``). From then on the reader pipes
 the RDB's bytes to the helper as they arrive and gets back the records, pickled, which it
 handles exactly as its own splitter's: the filters, the handoff gate, big keys, batching
-and writing stay in the daemon. A small RDB never starts a helper (its start-up would
-cost more than it saves); at most ``max_helpers`` run at once (the ``rdb_processes``
-setting), the other readers split in the event loop as before.
+and writing stay in the daemon. The helper joins plain strings without a TTL into STRINGS
+entries (one MSET: half the target's CPU of a RESTORE per key). A small RDB never starts
+a helper (its start-up would cost more than it saves); at most ``max_helpers`` run at
+once (the ``rdb_processes`` setting), the other readers split in the event loop as
+before.
 
 The helper only computes: it writes to no server, so one outliving its daemon (kill -9)
 changes nothing, and it exits at the end of its input.
@@ -58,7 +60,6 @@ HANDOVER_BYTES = 1 << 20
 RDB_SLICE = 1 << 14
 PIPE_CHUNK = 1 << 16
 _HEAD = struct.Struct(">cI")
-
 
 
 def auto_helpers() -> int:
