@@ -239,6 +239,21 @@ def handovers(daemon: Daemon) -> int:
     return daemon.log_text().count(HANDED)
 
 
+def splitting(d: Daemon, task_id: str, src: RedisServer, dst: RedisServer, keys: int,
+              mb: int) -> list[int]:
+    """An incremental task copying ``keys`` random 200-byte values at ``mb`` MB/s, once its
+    RDB is in a helper's hands: the helpers' pids."""
+    fill_random(src.client(), keys, 200)
+    d.ok("create", spec(src, dst, task_id=task_id, bandwidth_limit_mb=mb, reader="psync",
+                        migration_method="incremental_migration"))
+    wait_for(lambda: handovers(d) == 1, 60, what="the RDB handed over")
+    time.sleep(0.5)
+    assert d.proc is not None
+    helpers = helper_pids(d.proc.pid)
+    assert helpers
+    return helpers
+
+
 def test_resync_through_a_helper_removes_only_stale_keys(servers: Servers,
                                                           daemon: Daemon) -> None:
     """A resync's cleanup removes the target's keys that the new RDB lacks: the keys that
@@ -268,15 +283,8 @@ def test_kill_9_while_a_helper_splits(servers: Servers,
     restarted daemon copies again, exactly, with writes going on."""
     src, dst = servers(), servers()
     c = src.client()
-    fill_random(c, 100_000, 200)      # 20 MB, more than the pipeline holds
     d = daemon_factory(env=HELPERS)
-    d.ok("create", spec(src, dst, task_id="k9", bandwidth_limit_mb=4, reader="psync",
-                        migration_method="incremental_migration"))
-    wait_for(lambda: handovers(d) == 1, 60, what="the RDB handed over")
-    time.sleep(0.5)
-    assert d.proc is not None
-    helpers = helper_pids(d.proc.pid)
-    assert helpers
+    helpers = splitting(d, "k9", src, dst, 100_000, 4)    # 20 MB, more than the pipeline holds
     d.kill()
     wait_for(lambda: not alive(helpers), 10, what="the orphaned helper exiting")
     with Load(lambda db: src.client(db), dbs=(0,), kinds="counters+lists") as load:
@@ -388,14 +396,7 @@ def test_pause_while_a_helper_splits(servers: Servers, daemon: Daemon) -> None:
     """A reader stopped while its helper's output waits unread (the writer held back by a
     bandwidth limit) ends promptly, its helper too; resumed, the copy is exact."""
     src, dst = servers(), servers()
-    fill_random(src.client(), 70_000, 200)
-    daemon.ok("create", spec(src, dst, task_id="p", bandwidth_limit_mb=2, reader="psync",
-                             migration_method="incremental_migration"))
-    wait_for(lambda: handovers(daemon) == 1, 60, what="the RDB handed over")
-    time.sleep(0.5)
-    assert daemon.proc is not None
-    helpers = helper_pids(daemon.proc.pid)
-    assert helpers
+    helpers = splitting(daemon, "p", src, dst, 70_000, 2)
     daemon.ok("pause", {"task_id": "p"})
     daemon.wait_state("p", "Paused", timeout=10)
     wait_for(lambda: not alive(helpers), 10, what="the helper ended")
