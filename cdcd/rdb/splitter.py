@@ -267,12 +267,8 @@ class RdbSplitter:
             return []
         buf = self._buf
         if self._pos and self._gen is None:
-            # Forget consumed bytes, but never while a suspended parse holds indexes.
-            self._update_crc(self._pos)
-            del buf[:self._pos]
-            self._base += self._pos
-            self._crc_pos -= self._pos
-            self._pos = 0
+            # never while a suspended parse holds indexes into the buffer
+            self._forget_consumed()
         buf += data
         if self._base + len(buf) < self._need:
             return []
@@ -301,12 +297,7 @@ class RdbSplitter:
         if (self._gen is not None or self._big is not None or self._pending is not None
                 or self._error is not None or self.done or self._rest):
             return None
-        if self._pos:
-            self._update_crc(self._pos)
-            del self._buf[:self._pos]
-            self._base += self._pos
-            self._crc_pos -= self._pos
-            self._pos = 0
+        self._forget_consumed()
         return {k: v for k, v in vars(self).items() if k not in self._CALLBACKS}
 
     @classmethod
@@ -321,6 +312,15 @@ class RdbSplitter:
         return self
 
     # --- internals ---
+
+    def _forget_consumed(self) -> None:
+        """Drop the buffer's consumed bytes (their CRC taken first)."""
+        if self._pos:
+            self._update_crc(self._pos)
+            del self._buf[:self._pos]
+            self._base += self._pos
+            self._crc_pos -= self._pos
+            self._pos = 0
 
     def _describe(self) -> str:
         return f"{self.magic} RDB version {self.version}" if self.version else "RDB header"
