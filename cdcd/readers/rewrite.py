@@ -28,7 +28,6 @@ from ..compat import WritePlan
 from ..entry import COMMAND, STRINGS, Entry
 from ..errors import FatalTaskError
 from ..progress import Progress
-from ..rdb.lzf import _lzf_decompress
 from ..rdb.primitives import _read_string
 from ..rdb.records import _Corrupt, _NeedMore
 from ..rdb.values import ModuleValue, ValueNotRewritable, decode_payload
@@ -126,45 +125,15 @@ def join_string(db: int, key: bytes, payload: bytes, out: list[Entry]) -> int:
     """Append a plain string (its DUMP payload) to the STRINGS entry (one MSET) at the end
     of ``out``, or start one; return the bytes it adds, or 0 when the payload is not a
     readable string (then nothing is appended: whoever writes it says what is wrong)."""
-    value = string_value(payload)
-    if value is None:
+    try:
+        value = _read_string(payload, 1, len(payload) - 10)[0]
+    except (_NeedMore, _Corrupt, IndexError):
         return 0
-    last = out[-1] if out else None
-    if last is not None and last[0] == STRINGS and last[1] == db and \
+    last = out[-1] if out else None   # (an entry, or the splitter's record of another kind)
+    if type(last) is tuple and last[0] == STRINGS and last[1] == db and \
             last[3] < STRINGS_KEYS and last[4] < STRINGS_BYTES:
         last[2].extend((key, value))
         out[-1] = (STRINGS, db, last[2], last[3] + 1, last[4] + len(value))
     else:
         out.append((STRINGS, db, [key, value], 1, len(value)))
     return len(key) + len(value) + 16
-
-
-def string_value(payload: bytes) -> bytes | None:
-    """The value of a plain string's DUMP payload; None when it is not a readable one."""
-    n = len(payload)
-    if n >= 12:
-        # the common encodings inline (plain, or LZF with short lengths), the rest as
-        # the RDB reader says
-        size, q = _short_length(payload, 1)
-        if size >= 0:
-            if q + size + 10 == n:
-                return payload[q:-10]
-        elif payload[1] == 0xC3:
-            clen, q = _short_length(payload, 2)
-            size, q = _short_length(payload, q) if clen >= 0 else (-1, q)
-            if size >= 0 and q + clen + 10 == n:
-                return _lzf_decompress(payload[q:-10], size, q)
-    try:
-        return _read_string(payload, 1, n - 10)[0]
-    except (_NeedMore, _Corrupt, IndexError):
-        return None
-
-
-def _short_length(buf: bytes, p: int) -> tuple[int, int]:
-    """An RDB length of 6 or 14 bits at ``p`` and where it ends; (-1, p) for the others."""
-    b = buf[p]
-    if b < 0x40:
-        return b, p + 1
-    if b < 0x80:
-        return (b & 0x3F) << 8 | buf[p + 1], p + 2
-    return -1, p

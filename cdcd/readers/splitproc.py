@@ -41,10 +41,10 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..entry import STRINGS, restore_entry
+from ..entry import restore_entry
 from ..errors import EndpointError
 from ..rdb import RdbError, RdbSplitter
-from .rewrite import STRINGS_BYTES, STRINGS_KEYS, string_value
+from .rewrite import join_string
 
 if TYPE_CHECKING:
     from ..resp import Connection
@@ -375,28 +375,10 @@ def _strings_joined(records: list[Any]) -> list[Any]:
     """``records`` with their plain strings (no TTL) joined into STRINGS entries: one MSET
     on the target costs it half what a RESTORE per key does."""
     out: list[Any] = []
-    pairs: list[bytes] = []
-    db = keys = size = 0
-
-    def flush() -> None:
-        if pairs:
-            out.append((STRINGS, db, pairs, keys, size))
-
     for rec in records:
-        if type(rec) is tuple and rec[3] == 0 and rec[4][0] == 0:
-            value = string_value(rec[4])
-            if value is not None:
-                if rec[1] != db or keys >= STRINGS_KEYS or size >= STRINGS_BYTES:
-                    flush()
-                    pairs, db, keys, size = [], rec[1], 0, 0
-                pairs += (rec[2], value)
-                keys += 1
-                size += len(value)
-                continue
-        flush()
-        pairs, keys, size = [], 0, 0
-        out.append(rec)
-    flush()
+        if not (type(rec) is tuple and rec[3] == 0 and rec[4][0] == 0 and
+                join_string(rec[1], rec[2], rec[4], out)):
+            out.append(rec)
     return out
 
 
