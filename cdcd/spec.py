@@ -6,6 +6,7 @@ import ipaddress
 import re
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -166,6 +167,12 @@ class Filter:
     @property
     def by_key(self) -> bool:
         return bool(self.include_prefixes or self.exclude_prefixes)
+
+    def rdb_want(self) -> Callable[[int, bytes], bool] | None:
+        """The RDB splitter's ``want``: whether a key of a db is copied (None: all are)."""
+        if not self.by_key and self.dbs is None:
+            return None
+        return lambda db, key: self.db_ok(db) and self.key_ok(key)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -293,20 +293,15 @@ class PsyncReader:
             raise EndpointError(f"{self.name}: expected an RDB, got {header[:80]!r}")
         self.progress.status = "receiving the source's RDB"
         spec = self.spec
-        flt = spec.filter
         gate = self.gate
         held = False            # the record just read is held (handoff.py)
-        want = None
-        if flt.by_key or flt.dbs is not None:
-            def want(db: int, key: bytes) -> bool:
-                return flt.db_ok(db) and flt.key_ok(key)
         # write_mode rewrite: the splitter's KeyRecords become commands, else each key is
         # a RESTORE entry built by the splitter itself.
         rewriter = (Rewriter(self.plan, spec, self.progress, source=self.name,
                              chunk_bytes=self.chunk_bytes,
                              chunk_elements=self.chunk_elements)
                     if self.plan.rewrite else None)
-        splitter = RdbSplitter(want=want, big_value_bytes=self.big_value_bytes,
+        splitter = RdbSplitter(want=spec.filter.rdb_want(), big_value_bytes=self.big_value_bytes,
                                key_record=None if rewriter is not None else restore_entry)
         big: BigKey | None = None     # the big value being copied in chunks
         big_expire = 0
@@ -321,12 +316,13 @@ class PsyncReader:
         entries: list[Entry] = []
         nbytes = 0
         seen: set[int] | None = set() if self.resyncing else None
-        feed = RdbFeed(self, conn, splitter, remaining, flt, rewriter is not None)
+        feed = RdbFeed(self, conn, splitter, remaining)
         try:
             while (records := await feed.next()) is not None:
                 # Key records are entry tuples here (key_record=restore_entry), and a
-                # helper's plain strings STRINGS entries (splitproc.py).
-                if gate is not None:
+                # helper's plain strings STRINGS entries (splitproc.py; only a helper makes
+                # them).
+                if gate is not None and feed.helper_pid:
                     records = self._strings_clear(records, gate)
                 for rec in records:
                     if type(rec) is tuple and rec[0] == STRINGS:

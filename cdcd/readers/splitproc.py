@@ -83,16 +83,13 @@ class RdbFeed:
     wait_for_helper = False
 
     def __init__(self, reader: PsyncReader, conn: Connection, splitter: RdbSplitter,
-                 remaining: int, flt: Filter, rewrite: bool) -> None:
+                 remaining: int) -> None:
         """``remaining``: the RDB's announced length, or -1 (diskless: it ends where the
-        splitter says). ``flt`` and ``rewrite`` are what the splitter's callbacks were made
-        from, for a helper to make them again."""
+        splitter says)."""
         self.reader = reader
         self.conn = conn
         self.splitter = splitter
         self.remaining = remaining
-        self.flt = flt
-        self.rewrite = rewrite
         self.keys_seen = 0
         self.helper_pid = 0
         self._split = 0            # bytes split in the event loop
@@ -215,9 +212,11 @@ class RdbFeed:
                  self.reader.name, proc.pid, self._split / (1 << 20))
         self.reader.progress.status = (f"receiving the source's RDB (split in helper "
                                        f"process {proc.pid})")
+        # what the reader's splitter was made of, for the helper to make it again
+        rewrite = self.reader.plan.rewrite
         _write_frame(proc.stdin, b"S", pickle.dumps(
-            {"state": state, "filter": self.flt, "rewrite": self.rewrite,
-             "strings": not self.rewrite and self.reader.replace},
+            {"state": state, "filter": self.reader.spec.filter, "rewrite": rewrite,
+             "strings": not rewrite and self.reader.replace},
             protocol=pickle.HIGHEST_PROTOCOL))
         self._pump = asyncio.create_task(self._piping(proc.stdin))
 
@@ -337,13 +336,9 @@ def helper(inp: BinaryIO, out: BinaryIO) -> None:
         if kind == b"S":
             given = pickle.loads(body)
             flt: Filter = given["filter"]
-            want = None
-            if flt.by_key or flt.dbs is not None:
-                def want(db: int, key: bytes, flt: Filter = flt) -> bool:
-                    return flt.db_ok(db) and flt.key_ok(key)
             strings = given["strings"]
             splitter = RdbSplitter.resume(
-                given["state"], want=want,
+                given["state"], want=flt.rdb_want(),
                 key_record=None if given["rewrite"] else restore_entry)
         elif splitter is None:
             raise SystemExit("cdcd RDB helper: data before the splitter's state")
