@@ -69,14 +69,14 @@ def serve(args: argparse.Namespace) -> int:
     if not token and not is_loopback(cfg.host):
         log.warning("serving %s without an auth token (insecure_bind): whoever reaches the "
                     "port controls cdcd", cfg.host)
-    # The pipelines allocate millions of short-lived tuples and lists that never form
-    # cycles; the default thresholds (700 allocations) make the collector run thousands
-    # of times a second under load. Cycles are still collected, just less often.
     from .readers import splitproc
     if cfg.rdb_processes >= 0:
         splitproc.max_helpers = cfg.rdb_processes
     log.info("RDB helper processes: up to %d at once (rdb_processes %d, %d CPUs)",
              splitproc.max_helpers, cfg.rdb_processes, os.cpu_count() or 1)
+    # The pipelines allocate millions of short-lived tuples and lists that never form
+    # cycles; the default thresholds (700 allocations) make the collector run thousands
+    # of times a second under load. Cycles are still collected, just less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     return asyncio.run(run(app, cfg))
