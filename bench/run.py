@@ -577,8 +577,7 @@ class Bench:
             self._memory_rows_from(res, n)
             self._cluster_target_row(src, n, timeout, med.get("psync"))
             src.cleanup()
-            self._cluster_source_row(n, timeout)
-            self._cluster_source_row(n, timeout, helpers=3)
+            self._cluster_source_rows(n, timeout)
 
         # the mixed dataset
         mn = self.args.mixed_keys
@@ -668,16 +667,14 @@ class Bench:
                  f"{n / r['seconds']:,.0f} keys/s; daemon cpu {r['cpu_seconds']:.1f} s + RDB "
                  f"helpers {r['helper_cpu_seconds']:.1f} s)", "<= 1.0", verdict(ratio <= 1.0))
 
-    def _cluster_source_row(self, n: int, timeout: float, helpers: int | None = None) -> None:
+    def _cluster_source_rows(self, n: int, timeout: float) -> None:
         """A 3-master cluster source holding n keys of 100 B: cdcd's full copy (one psync
         link per shard, into a standalone target) against three native replicas syncing
-        from the three masters at once, side by side in this run. ``helpers``: the daemon's
-        rdb_processes (None: its default)."""
+        from the three masters at once, side by side in this run; cdcd twice, with its
+        default rdb_processes and with a helper per shard."""
         from cdcd.markers import slot_tags
-        how = "" if helpers is None else f", rdb_processes {helpers}"
-        metric = (f"snapshot of a 3-shard cluster source, {n:,} keys{how}: cdcd / native "
-                  f"replicas")
-        print(f"\n== snapshot: a 3-shard cluster source, {n:,} keys{how} ==", flush=True)
+        settings: tuple[int | None, ...] = (None, 3)
+        print(f"\n== snapshot: a 3-shard cluster source, {n:,} keys ==", flush=True)
         cluster = None
         try:
             cluster = Cluster(replicas=0).start()
@@ -696,7 +693,6 @@ class Bench:
                         pipe.execute()
                 pipe.execute()
                 counts.append(c.dbsize())
-            total = sum(counts)
             # native: a replica per master, all three at once
             reps = [self.server() for _ in cluster.masters]
             t0 = time.perf_counter()
@@ -710,6 +706,32 @@ class Bench:
             native = time.perf_counter() - t0
             for r in reps:
                 r.cleanup()
+        except (NotAvailable, TimeoutError, AssertionError, RuntimeError, redis.RedisError,
+                OSError) as exc:
+            for helpers in settings:
+                self.unavailable("snapshot", self._cluster_source_metric(n, helpers), exc,
+                                 "<= 2.0")
+            if cluster is not None:
+                cluster.stop()
+            return
+        try:
+            for helpers in settings:
+                self._cluster_source_copy(cluster, n, sum(counts), native, timeout, helpers)
+        finally:
+            cluster.stop()
+
+    @staticmethod
+    def _cluster_source_metric(n: int, helpers: int | None) -> str:
+        how = "" if helpers is None else f", rdb_processes {helpers}"
+        return f"snapshot of a 3-shard cluster source, {n:,} keys{how}: cdcd / native replicas"
+
+    def _cluster_source_copy(self, cluster: Cluster, n: int, total: int, native: float,
+                             timeout: float, helpers: int | None) -> None:
+        """One cdcd copy of the 3-shard source above (``helpers``: the daemon's
+        rdb_processes, None: its default) and its rows."""
+        how = "" if helpers is None else f", rdb_processes {helpers}"
+        metric = self._cluster_source_metric(n, helpers)
+        try:
             d, api = self.daemon(None if helpers is None else
                                  {"CDCD_RDB_PROCESSES": str(helpers)})
             tgt = self.server()
@@ -748,8 +770,8 @@ class Bench:
                 tgt.cleanup()
             ratio = took / native
             p99 = pct(lat, 99) * 1000
-            self.results["snapshot"]["cluster_source" + how.replace(", rdb_processes ",
-                                                                    "_helpers_")] = {
+            key = "cluster_source" if helpers is None else f"cluster_source_helpers_{helpers}"
+            self.results["snapshot"][key] = {
                 "keys": total, "seconds": took, "native_seconds": native,
                 "ratio": ratio, "daemon_cpu_seconds": cpu, "helper_cpu_seconds": helper_cpu,
                 "api_p99_ms": p99}
@@ -761,9 +783,6 @@ class Bench:
         except (NotAvailable, TimeoutError, AssertionError, RuntimeError, redis.RedisError,
                 OSError) as exc:
             self.unavailable("snapshot", metric, exc, "<= 2.0")
-        finally:
-            if cluster is not None:
-                cluster.stop()
 
     def _cluster_drain_row(self, src: RedisServer, api: Api,
                            benchmark: Callable[[], tuple[float, float, float]],
