@@ -166,6 +166,9 @@ def test_flag_env_file_precedence_in_the_daemon(tmp_path: Path, started: list[Da
     ([], {"CDCD_METRICS_NEED_TOKEN": "maybe"}, None, "CDCD_METRICS_NEED_TOKEN: must be a "
                                                      "boolean"),
     ([], {"CDCD_LOG_FORMAT": "xml"}, None, "CDCD_LOG_FORMAT: must be one of text, json"),
+    ([], {"CDCD_RDB_PROCESSES": "-2"}, None, "CDCD_RDB_PROCESSES: must be an integer "
+                                             "-1..256, got -2"),
+    (["--rdb-processes", "many"], {}, None, "--rdb-processes: must be an integer -1..256"),
     (["--log-level", "loud"], {}, None, "--log-level: must be one of DEBUG, INFO"),
     ([], {}, "max_tasks = 0\n", "max_tasks: must be an integer 1..100000, got 0"),
     ([], {}, 'port = "80"\n', "port: must be an integer 0..65535, got '80'"),
